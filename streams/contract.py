@@ -27,7 +27,9 @@ Fingerprint = Annotated[str, StringConstraints(max_length=128)]
 
 class _In(BaseModel):
     # The schemas do not forbid extra properties, so neither do we. Strict: no
-    # coercion of numbers into strings or similar.
+    # coercion of numbers into strings or similar. An optional field the schema
+    # does not make nullable is typed without None and defaults to None: pydantic
+    # does not validate defaults, so it may be absent but not null.
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
 
@@ -43,8 +45,8 @@ class Money(_In):
 class Item(_In):
     sku: RefundId
     title: Annotated[str, StringConstraints(max_length=500)]
-    category: Annotated[str, StringConstraints(max_length=200)] | None = None
-    unit_price: Money | None = None
+    category: Annotated[str, StringConstraints(max_length=200)] = None  # type: ignore[assignment]
+    unit_price: Money = None  # type: ignore[assignment]
 
 
 class Order(_In):
@@ -54,9 +56,9 @@ class Order(_In):
 
 class ImageRef(_In):
     image_id: RefundId
-    url: Annotated[str, StringConstraints(max_length=2048)] | None = None
-    data: Annotated[str, StringConstraints(max_length=700_000)] | None = None
-    source: Literal["listing", "shipment"] | None = None
+    url: Annotated[str, StringConstraints(max_length=2048)] = None  # type: ignore[assignment]
+    data: Annotated[str, StringConstraints(max_length=700_000)] = None  # type: ignore[assignment]
+    source: Literal["listing", "shipment"] = None  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _one_of_url_or_data(self) -> ImageRef:
@@ -71,9 +73,9 @@ class ReferenceImage(ImageRef):
 
 class Buyer(_In):
     account_created_at: AwareDatetime
-    device_fingerprint: Fingerprint | None = None
-    payment_fingerprint: Fingerprint | None = None
-    address_fingerprint: Fingerprint | None = None
+    device_fingerprint: Fingerprint = None  # type: ignore[assignment]
+    payment_fingerprint: Fingerprint = None  # type: ignore[assignment]
+    address_fingerprint: Fingerprint = None  # type: ignore[assignment]
 
     def fingerprints(self) -> dict[str, str]:
         found = {
@@ -98,7 +100,7 @@ class RefundRequest(_In):
     requested_at: AwareDatetime
     kind: Literal["refund_only", "return_and_refund"]
     reason: RefundReason
-    description: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    description: Annotated[str, StringConstraints(max_length=2000)] = None  # type: ignore[assignment]
     amount: Money
     item: Item
     order: Order
@@ -132,7 +134,7 @@ class RefundOutcome(_In):
     verdict: Literal["fraud", "legitimate"]
     decided_at: AwareDatetime
     source: Literal["review", "chargeback", "merchant_appeal"]
-    note: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    note: Annotated[str, StringConstraints(max_length=2000)] = None  # type: ignore[assignment]
 
 
 # ---------------------------------------------------------------- outbound
