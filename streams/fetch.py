@@ -63,7 +63,9 @@ class _GuardedResolver(AbstractResolver):
         self._allow_private = allow_private
         self._loop_resolver = aiohttp.ThreadedResolver()
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         results = await self._loop_resolver.resolve(host, port, family)
         if self._allow_private:
             return results
@@ -193,6 +195,7 @@ class ImageFetcher:
         current = url
         try:
             for _hop in range(s.max_redirects + 1):
+                self._check_literal_host(image_id, current)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError
@@ -233,6 +236,19 @@ class ImageFetcher:
             raise FetchProblem("IMAGE_URL_FORBIDDEN", f"image {image_id}: {exc}") from exc
         except (aiohttp.ClientError, ValueError, OSError) as exc:
             raise FetchProblem("IMAGE_FETCH_FAILED", f"image {image_id}: {_short(exc)}") from exc
+
+    def _check_literal_host(self, image_id: str, url: str) -> None:
+        """aiohttp connects to an IP literal without asking the resolver, so check those here."""
+        if self.settings.allow_private:
+            return
+        host = urllib.parse.urlsplit(url).hostname or ""
+        try:
+            public = _is_public(host)
+        except ValueError:
+            return  # a name: the guarded resolver checks what it resolves to
+        if not public:
+            raise FetchProblem("IMAGE_URL_FORBIDDEN", f"image {image_id}: address {host} is private, loopback "
+                               "or reserved")
 
     async def _read_capped(self, image_id: str, response: aiohttp.ClientResponse, deadline: float) -> bytes:
         limit = self.settings.max_bytes
