@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from typing import Any
 
 import faust
 from aiohttp import web
+from faust.streams import _current_event
 from faust.types import EventT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -45,6 +47,7 @@ from streams.contract import (
 from streams.decision import to_decision
 from streams.fetch import ImageFetcher
 from streams.image_pool import ImagePool
+from streams.logs import handler as log_handler
 from streams.metrics import Metrics
 from streams.scoring import ImagePhase, RequestScorer
 from streams.settings import Settings
@@ -109,6 +112,8 @@ def build(settings: Settings, *, start_pool: bool = True) -> RefundGuard:
         # Tansu and at-least-once: no idempotent or transactional producer.
         processing_guarantee="at_least_once",
         producer_acks=-1,
+        loghandlers=[log_handler(settings.log_format)],
+        worker_redirect_stdouts=False,
     )
     requests_topic = app.topic(t.requests, key_type=bytes, value_type=bytes, value_serializer="raw",
                                key_serializer="raw", partitions=t.partitions)
@@ -127,13 +132,20 @@ def build(settings: Settings, *, start_pool: bool = True) -> RefundGuard:
     shadow_topic = app.topic(t.shadow_decisions, key_type=bytes, value_type=bytes, value_serializer="raw",
                              key_serializer="raw", partitions=t.partitions)
 
-    buyers = app.Table("buyers", default=None, partitions=t.partitions, value_serializer="json",
-                       key_serializer="raw")
-    # Global: every worker reads all of it. Small (only confirmed fraud), see README "State".
+    table_schema = faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json")
+    # use_partitioner: batches (take_events) have no current event to take the partition
+    # from; the key is the by-buyer topic's key, so the partitioner picks the same partition.
+    buyers = app.Table("buyers", default=None, partitions=t.partitions, use_partitioner=True,
+                       schema=table_schema)
+    # Global: every worker holds all of it; see README "State" for sizes and limits.
+    # partitions=1 and recovery_buffer_size=1 avoid Faust's GlobalTable recovery loop with
+    # several workers; use_partitioner because writes come from events of other partitions.
+    # In memory: rebuilt from the changelog at start (they are small), and the RocksDB store
+    # would file writes under the source event's partition, not the table's single one.
     taints = app.GlobalTable("taints", default=None, partitions=1, recovery_buffer_size=1,
-                             value_serializer="json", key_serializer="raw")
+                             use_partitioner=True, schema=table_schema, store="memory://")
     evidence_index = app.GlobalTable("evidence-index", default=None, partitions=1, recovery_buffer_size=1,
-                                     value_serializer="json", key_serializer="raw")
+                                     use_partitioner=True, schema=table_schema, store="memory://")
 
     fetcher = ImageFetcher(settings.fetch)
     pool = ImagePool(settings.scoring.image_workers, (), tuple(settings.scoring.disabled))
@@ -303,6 +315,9 @@ class _Guard:
         for i, env in enumerate(envelopes):
             if env is None:
                 continue
+            # A batch has no "current event"; Faust's RocksDB store files a write under
+            # the current event's partition, so point it at this envelope's event.
+            _current_event.set(weakref.ref(events[i]))
             try:
                 if env["type"] == "request":
                     await self._decide(request_of[i], phase_of[i], env.get("ts"))

@@ -81,15 +81,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import faust
 
     from streams.app import build, topic_names
-    from streams.logs import handler
 
     try:
         create_topics(settings.bootstrap, topic_names(settings), settings.topics.partitions)
     except BrokerError as exc:
         raise CliError(str(exc)) from exc
     guard = build(settings)
-    worker = faust.Worker(guard.app, loglevel=settings.log_level, loghandlers=[handler(settings.log_format)],
-                          quiet=True)
+    worker = faust.Worker(guard.app, loglevel=settings.log_level, quiet=True)
     try:
         worker.execute_from_commandline()
     finally:

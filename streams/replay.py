@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError, NoBrokersAvailable
+from kafka.errors import KafkaError
 
 from streams.settings import Settings
 
@@ -96,7 +96,7 @@ class Replayer:
                 bootstrap_servers=settings.bootstrap, acks="all", enable_idempotence=False, linger_ms=5,
                 max_request_size=4 * 1024 * 1024, request_timeout_ms=15_000,
             )
-        except NoBrokersAvailable as exc:
+        except KafkaError as exc:
             raise ReplayError(f"no Kafka broker at {settings.bootstrap}: start one (refundguard broker) "
                               "or set KAFKA_BOOTSTRAP") from exc
         self.consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False,
