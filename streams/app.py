@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import weakref
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime

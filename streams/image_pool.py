@@ -131,7 +131,8 @@ def run_image_job(job: ImageJob) -> ImageJobResult:
     data = ScoringInput(request=job.request, evidence=tuple(evidence), references=tuple(references))
     for scorer in _image_scorers():
         if isinstance(scorer, Unavailable):
-            out.results[scorer.name] = ScorerFailure("SCORER_FAILED", f"{scorer.name} unavailable: {scorer.error}"[:300])
+            message = f"{scorer.name} unavailable: {scorer.error}"[:300]
+            out.results[scorer.name] = ScorerFailure("SCORER_FAILED", message)
             continue
         started = time.process_time()
         try:

@@ -31,5 +31,6 @@ class JsonFormatter(logging.Formatter):
 
 def handler(fmt: str) -> logging.Handler:
     h = logging.StreamHandler()
-    h.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    h.setFormatter(JsonFormatter() if fmt == "json" else text)
     return h

@@ -115,16 +115,19 @@ class _World:
 
 def aigc_xmp(r: random.Random) -> bytes:
     """An XMP packet with the GB 45438-2025 implicit label (element form, escaped JSON)."""
-    label = {"Label": "1", "ContentProducer": f"0011913101{r.randrange(10**8):08d}", "ProduceID": f"{r.randrange(16**12):012x}",
-             "ReservedCode1": "", "ContentPropagator": "", "PropagateID": "", "ReservedCode2": ""}
+    label = {"Label": "1", "ContentProducer": f"0011913101{r.randrange(10**8):08d}",
+             "ProduceID": f"{r.randrange(16**12):012x}", "ReservedCode1": "", "ContentPropagator": "",
+             "PropagateID": "", "ReservedCode2": ""}
     body = escape(json.dumps(label, separators=(",", ":")))
     return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
             '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
             f'<rdf:Description rdf:about="" xmlns:TC260="{AIGC_NS}"><TC260:AIGC>{body}</TC260:AIGC>'
-            '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode("utf-8")
+            '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode()
 
 
-def generate(out: Path, *, refunds: int = 60, seed: int = 1, image_base: str = "http://127.0.0.1:8765") -> dict[str, Any]:
+def generate(
+    out: Path, *, refunds: int = 60, seed: int = 1, image_base: str = "http://127.0.0.1:8765"
+) -> dict[str, Any]:
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     w = _World(out, image_base.rstrip("/"), np.random.default_rng(seed), random.Random(seed))
@@ -249,7 +252,7 @@ def generate(out: Path, *, refunds: int = 60, seed: int = 1, image_base: str = "
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
