@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -45,6 +46,15 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
     return False
 
 
+def _die_with_parent() -> None:
+    """Linux: the broker gets SIGTERM when the process that started it dies, even by SIGKILL,
+    so a crashed demo or test run leaves no broker behind holding its port."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 @dataclass
 class EmbeddedBroker:
     """``with EmbeddedBroker() as b: b.bootstrap`` — a broker on a free loopback port."""
@@ -68,6 +78,7 @@ class EmbeddedBroker:
              "--storage-engine", "memory://tansu/"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            preexec_fn=_die_with_parent,
         )
         if not wait_for_port(self.host, self.port, timeout_s):
             self.stop()

@@ -29,8 +29,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def handler(fmt: str) -> logging.Handler:
-    h = logging.StreamHandler()
-    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-    h.setFormatter(JsonFormatter() if fmt == "json" else text)
-    return h
+def logging_config(fmt: str, level: str) -> dict[str, object]:
+    """A dictConfig for the worker: one handler on stdout, JSON or text."""
+    formatter: dict[str, object] = (
+        {"()": "streams.logs.JsonFormatter"} if fmt == "json"
+        else {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"main": formatter},
+        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "main",
+                                 "stream": "ext://sys.stdout"}},
+        "root": {"level": level, "handlers": ["default"]},
+    }

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, ge=1, le=65535, description="metrics and health endpoints")
     max_message_bytes: int = Field(1_048_576, ge=1024, description="larger requests are dead-lettered")
     dlq_max_value_bytes: int = Field(512 * 1024, ge=0, description="raw bytes copied into a DLQ record")
+    rebalance_timeout_s: float = Field(5.0, gt=0, le=300, description="how long a group join waits for members")
+    group_instance_id: str | None = Field(None, description="static group membership (e.g. the pod name)")
+    consumer_fetch_max_wait_ms: int = Field(100, ge=0, le=5000, description="longest a fetch waits for data")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
