@@ -248,7 +248,7 @@ def build(settings: Settings, *, start_pool: bool = True) -> RefundGuard:
     @app.timer(5.0)
     async def observe_lag() -> None:
         metrics.ready.set(1 if _is_ready(app) else 0)
-        await _observe_lag(app, metrics)
+        await _observe_lag(app, metrics, frozenset({t.requests, t.outcomes, by_buyer_topic.get_topic_name()}))
 
     @app.task
     async def start_pool() -> None:
@@ -287,16 +287,24 @@ def _is_ready(app: faust.App) -> bool:
     return assigned and not app.rebalancing and not getattr(app, "in_recovery", False)
 
 
-async def _observe_lag(app: faust.App, metrics: Metrics) -> None:
+async def _observe_lag(app: faust.App, metrics: Metrics, topics: frozenset[str]) -> None:
+    """Lag of the topics the agents consume (not changelogs, which are never committed).
+
+    Partitions this worker no longer owns are dropped, so a rebalance leaves no stale series.
+    """
     try:
         consumer = app.consumer
-        for tp in consumer.assignment():
+        owned = {tp for tp in consumer.assignment() if tp.topic in topics}
+        for tp in owned:
             high = consumer.highwater(tp)
-            committed = consumer._committed_offset.get(tp)  # Faust keeps what it last committed
             if high is None:
                 continue
-            lag = max(0, high - (committed if committed is not None else 0))
-            metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
+            committed = consumer._committed_offset.get(tp)  # Faust keeps what it last committed
+            metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - (committed or 0)))
+        for labels in list(metrics.consumer_lag._metrics):
+            topic, partition = labels
+            if not any(tp.topic == topic and str(tp.partition) == partition for tp in owned):
+                metrics.consumer_lag.remove(topic, partition)
     except Exception:  # lag is observability; it must never break the worker
         log.debug("consumer lag not available", exc_info=True)
 

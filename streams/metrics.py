@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+)
 
 # Fit the targets: p99 <= 1 s end to end at half load; image scoring tens of ms.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -24,6 +33,9 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        # The standard process_*, python_gc_* and python_info series, as a default registry has.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
         p = PREFIX
         self.requests_consumed = Counter(
             f"{p}_requests_consumed", "Refund requests read from the requests topic.", registry=r)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -82,7 +84,7 @@ def test_decisions_and_dead_letters(
     (root / "images" / "truncated.jpg").write_bytes(genuine[: len(genuine) // 3])
     refs = [{"image_id": "LS-1", "url": f"{base}/images/listing.jpg", "source": "listing"}]
 
-    worker_factory(REFUNDGUARD_FETCH_READ_TIMEOUT_S="2")
+    worker = worker_factory(REFUNDGUARD_FETCH_READ_TIMEOUT_S="2")
     kafka = kafka_factory(TOPICS)
     valid = {
         "RF-IT-1": request(example_request, 1, [{"image_id": "EV-1", "url": f"{base}/images/genuine.jpg"}], refs),
@@ -128,3 +130,21 @@ def test_decisions_and_dead_letters(
         assert letter["source"]["topic"] == "refund.requests"
         kept = base64.b64decode(letter["value_base64"])
         assert kept == value[: len(kept)] and letter["value_size"] == len(value)
+
+    # What an SRE sees: the live scrape names every decision and dead letter, and is valid.
+    assert worker.get("/health/live")[0] == 200 and worker.get("/health/ready")[0] == 200
+    status, body = worker.get("/metrics")
+    text = body.decode()
+    assert status == 200
+    for cause in {c for _, _, c in garbage}:
+        n = sum(c == cause for _, _, c in garbage)
+        assert f'refundguard_dead_letters_total{{cause="{cause}"}} {n:.1f}' in text
+    assert 'refundguard_decisions_total{decision="hold",policy_version="2026-11-23.1",reason="HIGH_VALUE"} 1.0' in text
+    assert "refundguard_image_fetch_failures_total{code=\"IMAGE_NOT_FOUND\"}" in text
+    assert "refundguard_end_to_end_latency_seconds_count 6.0" in text
+    assert "process_resident_memory_bytes" in text
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (CI installs Debian's prometheus package)")
+    checked = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode()
