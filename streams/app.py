@@ -81,6 +81,7 @@ class RefundGuard:
     buyers: Any
     taints: Any
     evidence_index: Any
+    decider: DecideStep
 
 
 def _short_fetch_wait(max_wait_ms: int) -> None:
@@ -228,7 +229,7 @@ def build(settings: Settings, *, start_pool: bool = True) -> RefundGuard:
     intake_o = app.agent(outcomes_topic, name="intake-outcomes")(intake_outcomes)
     decide_agent = app.agent(by_buyer_topic, name="decide")(decide_stream)
 
-    guard = _Guard(settings, policy, shadow_policy, metrics, scorer, buyers, taints, evidence_index,
+    guard = DecideStep(settings, policy, shadow_policy, metrics, scorer, buyers, taints, evidence_index,
                    decisions_topic, shadow_topic, applied_topic)
 
     @app.page(METRICS)
@@ -258,7 +259,7 @@ def build(settings: Settings, *, start_pool: bool = True) -> RefundGuard:
     start_pool_now = start_pool
     return RefundGuard(settings, app, policy, shadow_policy, metrics, scorer, pool, fetcher, intake_r, intake_o,
                        decide_agent, by_buyer_topic, decisions_topic, dlq_topic, shadow_topic, buyers, taints,
-                       evidence_index)
+                       evidence_index, guard)
 
 
 def applied_topic_name(settings: Settings) -> str:
@@ -309,7 +310,7 @@ async def _observe_lag(app: faust.App, metrics: Metrics, topics: frozenset[str])
         log.debug("consumer lag not available", exc_info=True)
 
 
-class _Guard:
+class DecideStep:
     """The decide step: state lookups, scoring and publishing for a batch of envelopes."""
 
     def __init__(self, settings: Settings, policy: Policy, shadow_policy: Policy | None, metrics: Metrics,
