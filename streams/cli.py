@@ -117,19 +117,39 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     events = read_events(args.events)
-    settings = _settings()
-    _check_broker(settings.bootstrap)
-    replayer = Replayer(settings, timeout_s=args.timeout, window=timedelta(hours=args.window_hours))
-    try:
-        result = replayer.run(events)
-    finally:
-        replayer.close()
+    if args.policy and not args.embedded:
+        raise CliError("--policy needs --embedded: a running worker decides with its own policy")
+    if args.policy:
+        try:
+            load_policy(args.policy)
+        except PolicyError as exc:
+            raise CliError(str(exc)) from exc
+    with contextlib.ExitStack() as stack:
+        if args.embedded:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="refundguard-replay-")))
+            broker = stack.enter_context(EmbeddedBroker(log_path=work / "broker.log"))
+            extra = {"REFUNDGUARD_POLICY_FILE": str(args.policy.resolve())} if args.policy else {}
+            stack.enter_context(_worker_process(broker.bootstrap, work, extra))
+            settings = _settings(bootstrap=broker.bootstrap)
+        else:
+            settings = _settings()
+            _check_broker(settings.bootstrap)
+        replayer = Replayer(settings, timeout_s=args.timeout, window=timedelta(hours=args.window_hours))
+        try:
+            result = replayer.run(events)
+        finally:
+            replayer.close()
     write_decisions(result.decisions.values(), args.out)
     print(f"{len(result.decisions)} decisions for {result.sent_requests} refunds in {result.seconds:.1f} s "
           f"-> {args.out}; missing {len(result.missing)}; repeated {result.duplicates} "
           f"(conflicting {len(result.conflicting)})")
     for line in summarize(result.decisions.values()):
         print(line)
+    if args.labels:
+        from streams.backtest import figures, read_labels
+
+        for line in figures(read_labels(args.labels), result.decisions):
+            print(line)
     if result.missing:
         print("no decision within the timeout for: " + ", ".join(result.missing[:20]), file=sys.stderr)
         return 2
@@ -166,15 +186,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(line)
     labels = work / "cases" / "labels.jsonl"
     if labels.exists():
-        from streams.simulate.traffic import compare_with_labels
+        from streams.backtest import figures, read_labels
 
-        for line in compare_with_labels(labels, result.decisions):
+        for line in figures(read_labels(labels), result.decisions):
             print(line)
     return 0 if not result.missing else 2
 
 
 @contextlib.contextmanager
-def _worker_process(bootstrap: str, work: Path) -> Iterator[int]:
+def _worker_process(bootstrap: str, work: Path, extra_env: dict[str, str] | None = None) -> Iterator[int]:
     web_port = free_port()
     env = {
         **os.environ,
@@ -183,6 +203,7 @@ def _worker_process(bootstrap: str, work: Path) -> Iterator[int]:
         "REFUNDGUARD_DATA_DIR": str(work / "state"),
         "REFUNDGUARD_FETCH_ALLOW_PRIVATE": "true",
         "REFUNDGUARD_LOG_FORMAT": "json",
+        **(extra_env or {}),
     }
     log = (work / "worker.log").open("ab")
     process = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log,
@@ -253,6 +274,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each window's decisions")
     r.add_argument("--window-hours", type=float, default=1.0,
                    help="requests within this much event time are sent together (0: one at a time)")
+    r.add_argument("--embedded", action="store_true",
+                   help="start an embedded broker and a worker for this replay (fresh state)")
+    r.add_argument("--policy", type=Path, help="with --embedded: the policy file the worker decides with")
+    r.add_argument("--labels", type=Path, help="labels.jsonl of the events: print catch and false-hold figures")
     r.set_defaults(func=cmd_replay)
 
     d = sub.add_parser("demo", help="broker + worker + sample traffic + replay, then a summary")
@@ -261,6 +286,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", type=Path)
     d.add_argument("--timeout", type=float, default=120.0)
     d.set_defaults(func=cmd_demo)
+
+    with contextlib.suppress(ImportError):
+        from streams import bench
+
+        bench.add_parser(sub)
     return p
 
 

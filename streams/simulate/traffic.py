@@ -13,8 +13,7 @@ import http.server
 import json
 import random
 import threading
-from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from html import escape
@@ -102,8 +101,9 @@ class _World:
                       "payment_fingerprint": buyer.payment, "address_fingerprint": buyer.address},
         }
         self.events.append((t, 1, "refund.requests", refund_id, value))
-        self.labels.append({"refund_id": refund_id, "kind": kind, "expected": expected,
-                            "expected_reason": expect_reason, "fraud": expected == "hold" and kind != "high_value"})
+        fraud = kind not in {"genuine_damage", "genuine_photo", "not_received", "high_value", "broken_evidence"}
+        self.labels.append({"refund_id": refund_id, "kind": kind, "expected": expected, "fraud": fraud,
+                            "detectable": fraud and expected == "hold", "expected_reason": expect_reason})
         return refund_id
 
     def outcome(self, refund_id: str, buyer: _Buyer, product: sim.Product, t: datetime, verdict: str) -> None:
@@ -262,23 +262,3 @@ def serve_directory(directory: Path, host: str, port: int) -> http.server.Thread
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="image-server", daemon=True).start()
     return server
-
-
-def compare_with_labels(labels_path: Path, decisions: Mapping[str, Mapping[str, Any]]) -> Iterator[str]:
-    """Per kind: how many were held, and how many held for the expected reason."""
-    rows: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    for line in labels_path.read_text().splitlines():
-        label = json.loads(line)
-        row = rows[label["kind"]]
-        row[0] += 1
-        d = decisions.get(label["refund_id"])
-        if d is None:
-            continue
-        held = d["decision"] == "hold"
-        row[1] += held
-        row[2] += held == (label["expected"] == "hold")
-        codes = {x["code"] for x in d.get("reasons", [])}
-        row[3] += bool(label.get("expected_reason")) and label["expected_reason"] in codes
-    yield f"{'kind':24s} {'n':>4s} {'held':>5s} {'as expected':>12s} {'right reason':>13s}"
-    for kind, (n, held, ok, reason) in sorted(rows.items()):
-        yield f"{kind:24s} {n:4d} {held:5d} {ok:12d} {reason:13d}"
