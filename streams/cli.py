@@ -116,7 +116,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    events = read_events(args.events)
     if args.policy and not args.embedded:
         raise CliError("--policy needs --embedded: a running worker decides with its own policy")
     if args.policy:
@@ -124,6 +123,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             load_policy(args.policy)
         except PolicyError as exc:
             raise CliError(str(exc)) from exc
+    events = read_events(args.events)
     with contextlib.ExitStack() as stack:
         if args.embedded:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="refundguard-replay-")))
