@@ -20,9 +20,15 @@ from scorers.base import ImageRole, PreparedImage
 # ICO, animations used as images) is refused rather than half-understood.
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "MPO", "HEIF", "AVIF", "TIFF", "BMP", "GIF"})
 MAX_FRAMES = 1  # evidence is a still photo: multi-frame files are read at frame 0 only
+# Where more than one frame means an animation. Evidence must be a still: the scorers see one
+# frame, the others could show anything. (MPO stays: phones store a second picture in it.)
+ANIMATION_FORMATS = frozenset({"GIF", "PNG", "WEBP"})
 MAX_TEXT_BYTES = 4 * 1024 * 1024  # per PNG text chunk: Pillow's guard against memory bombs
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Pillow cannot identify these, so they would only be "unreadable"; they are known formats we refuse.
+_MARKUP_FORMATS = ((b"<svg", "SVG"), (b"<!doctype svg", "SVG"))
 
 
 class ImageProblem(ValueError):
@@ -63,6 +69,10 @@ def prepare_image(
                 )
             if width < 16 or height < 16:
                 raise ImageProblem("IMAGE_TOO_SMALL", f"image {image_id} is {width}x{height}, too small to check")
+            # is_animated looks for a second frame only; n_frames would walk every frame.
+            if role == "evidence" and fmt in ANIMATION_FORMATS and getattr(img, "is_animated", False):
+                raise ImageProblem("IMAGE_FORMAT_UNSUPPORTED", f"image {image_id} is an animated {fmt}, not a still "
+                                   "photo")
             orientation = _orientation(img)
             if fmt == "JPEG":
                 # Draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT: much cheaper.
@@ -79,8 +89,15 @@ def prepare_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageProblem("IMAGE_TOO_LARGE", f"image {image_id}: {exc}") from exc
     except UnidentifiedImageError as exc:
+        markup = _markup_format(raw)
+        if markup is not None:
+            raise ImageProblem("IMAGE_FORMAT_UNSUPPORTED", f"image {image_id} is {markup}, not a photo format") from exc
         raise ImageProblem("IMAGE_UNREADABLE", f"image {image_id} is not an image file Pillow can identify") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if isinstance(exc, ValueError) and "MAX_TEXT_" in str(exc):
+            # Pillow's limit on PNG text chunks (zTXt/iTXt that inflate to megabytes): a memory bomb.
+            raise ImageProblem("IMAGE_TOO_LARGE", f"image {image_id} has PNG text chunks over the "
+                               f"{MAX_TEXT_BYTES // (1024 * 1024)} MB limit: {str(exc)[:120]}") from exc
         # Truncated or corrupt data: Pillow raises OSError ("image file is truncated"), SyntaxError or ValueError.
         raise ImageProblem("IMAGE_CORRUPT", f"image {image_id} cannot be decoded: {str(exc)[:160]}") from exc
     except MemoryError as exc:
@@ -108,7 +125,21 @@ def _orientation(img: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
+def _markup_format(raw: bytes) -> str | None:
+    head = raw[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<?xml"):
+        head = head[head.find(b"?>") + 2 :].lstrip() if b"?>" in head else b""
+    for prefix, name in _MARKUP_FORMATS:
+        if head.startswith(prefix):
+            return name
+    return None
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith("I;16"):
+        # 16-bit grey (PNG, TIFF): Pillow's convert clips at 255, which turns most of the picture white.
+        grey = np.right_shift(np.clip(np.asarray(img), 0, 65535), 8).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Transparent areas onto white, as a shop page would show them.
         rgba = img.convert("RGBA")

@@ -17,11 +17,34 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from scorers.base import RequestFacts
 
 RefundId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+# Windows, ages and deadlines are computed from these; a year like 9999 would overflow
+# that arithmetic, so anything outside this range is treated as malformed.
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def _plausible(moment: datetime) -> datetime:
+    if not EARLIEST <= moment < LATEST:
+        raise ValueError("timestamp outside the supported range 1900-01-01 .. 8999-12-31")
+    return moment
+
+
+Timestamp = Annotated[AwareDatetime, AfterValidator(_plausible)]
 Fingerprint = Annotated[str, StringConstraints(max_length=128)]
 
 
@@ -50,8 +73,8 @@ class Item(_In):
 
 
 class Order(_In):
-    placed_at: AwareDatetime
-    delivered_at: AwareDatetime | None = None
+    placed_at: Timestamp
+    delivered_at: Timestamp | None = None
 
 
 class ImageRef(_In):
@@ -72,7 +95,7 @@ class ReferenceImage(ImageRef):
 
 
 class Buyer(_In):
-    account_created_at: AwareDatetime
+    account_created_at: Timestamp
     device_fingerprint: Fingerprint = None  # type: ignore[assignment]
     payment_fingerprint: Fingerprint = None  # type: ignore[assignment]
     address_fingerprint: Fingerprint = None  # type: ignore[assignment]
@@ -97,7 +120,7 @@ class RefundRequest(_In):
     order_id: RefundId
     buyer_id: RefundId
     merchant_id: RefundId
-    requested_at: AwareDatetime
+    requested_at: Timestamp
     kind: Literal["refund_only", "return_and_refund"]
     reason: RefundReason
     description: Annotated[str, StringConstraints(max_length=2000)] = None  # type: ignore[assignment]
@@ -132,7 +155,7 @@ class RefundOutcome(_In):
     buyer_id: RefundId
     merchant_id: RefundId
     verdict: Literal["fraud", "legitimate"]
-    decided_at: AwareDatetime
+    decided_at: Timestamp
     source: Literal["review", "chargeback", "merchant_appeal"]
     note: Annotated[str, StringConstraints(max_length=2000)] = None  # type: ignore[assignment]
 

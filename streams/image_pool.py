@@ -44,7 +44,7 @@ class ImageJob:
     images: tuple[RawImage, ...]
     working_side: int
     max_pixels: int
-    scorer_budget_s: float
+    budget_s: float  # for the whole job, counted from when a child starts it
 
 
 @dataclass
@@ -102,6 +102,7 @@ def _budget(seconds: float) -> Iterator[None]:
 def run_image_job(job: ImageJob) -> ImageJobResult:
     """Runs in a pool child. Never raises for bad input: problems are data."""
     out = ImageJobResult()
+    deadline = time.monotonic() + job.budget_s
     evidence: list[PreparedImage] = []
     references: list[PreparedImage] = []
     started = time.process_time()
@@ -135,12 +136,15 @@ def run_image_job(job: ImageJob) -> ImageJobResult:
             out.results[scorer.name] = ScorerFailure("SCORER_FAILED", message)
             continue
         started = time.process_time()
+        left = deadline - time.monotonic()
         try:
-            with _budget(job.scorer_budget_s):
+            if left <= 0:
+                raise _Overrun
+            with _budget(left):
                 out.results[scorer.name] = scorer.score(data)
         except _Overrun:
             out.results[scorer.name] = ScorerFailure(
-                "SCORER_TIMEOUT", f"{scorer.name} did not finish within {job.scorer_budget_s:g} s")
+                "SCORER_TIMEOUT", f"{scorer.name} did not finish within the image budget of {job.budget_s:g} s")
         except Exception as exc:
             out.results[scorer.name] = ScorerFailure("SCORER_FAILED", f"{scorer.name} failed: {type(exc).__name__}: "
                                                      f"{str(exc)[:200]}")
@@ -155,12 +159,20 @@ class ImagePoolTimeout(Exception):
     pass
 
 
+# The child stops an overrunning scorer itself at the job's budget; the parent waits this
+# much longer before it concludes the child is stuck in native code and kills the pool.
+KILL_GRACE_S = 2.0
+
+
 class ImagePool:
     def __init__(self, workers: int, enabled: tuple[str, ...] = (), disabled: tuple[str, ...] = ()) -> None:
         self.workers = workers or os.cpu_count() or 1
         self._initargs = (enabled, disabled)
         self._pool: ProcessPoolExecutor | None = None
         self._generation = 0
+        # At most one job per child in flight, so a job's clock starts when a child is free
+        # for it: jobs queued behind a hung one do not time out with it.
+        self._slots = asyncio.Semaphore(self.workers)
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -179,19 +191,21 @@ class ImagePool:
         for future in [pool.submit(_warm) for _ in range(self.workers)]:
             future.result()
 
-    async def run(self, job: ImageJob, timeout_s: float) -> ImageJobResult:
+    async def run(self, job: ImageJob) -> ImageJobResult:
+        timeout_s = job.budget_s + KILL_GRACE_S
         for attempt in (1, 2):
-            generation = self._generation
-            try:
-                future = self._executor().submit(run_image_job, job)
-                return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
-            except TimeoutError as exc:
-                self._recycle(generation, "an image job overran its budget")
-                raise ImagePoolTimeout(f"image scoring did not finish within {timeout_s:g} s") from exc
-            except BrokenProcessPool:
-                self._recycle(generation, "a pool child died")
-                if attempt == 2:
-                    raise
+            async with self._slots:
+                generation = self._generation
+                try:
+                    future = self._executor().submit(run_image_job, job)
+                    return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+                except TimeoutError as exc:
+                    self._recycle(generation, "an image job overran its budget")
+                    raise ImagePoolTimeout(f"image scoring did not finish within {job.budget_s:g} s") from exc
+                except BrokenProcessPool:
+                    self._recycle(generation, "a pool child died")
+                    if attempt == 2:
+                        raise
         raise AssertionError("unreachable")
 
     def _recycle(self, generation: int, why: str) -> None:

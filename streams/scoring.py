@@ -73,10 +73,10 @@ class RequestScorer:
             images=tuple(raws),
             working_side=self.settings.working_side,
             max_pixels=self.max_pixels,
-            scorer_budget_s=self.settings.image_timeout_s * 0.8,
+            budget_s=self.settings.image_timeout_s,
         )
         try:
-            result = await self.pool.run(job, self.settings.image_timeout_s)
+            result = await self.pool.run(job)
         except ImagePoolTimeout as exc:
             for name in self.image_scorer_names:
                 phase.results[name] = ScorerFailure("SCORER_TIMEOUT", f"{name}: {exc}")

@@ -281,6 +281,12 @@ def alive(worker: Worker) -> None:
     assert worker.get("/health/live")[0] == 200
 
 
+def worker_errors(worker: Worker, last: int = 3) -> str:
+    """The worker's last few ERROR records, each cut short (its tail is mostly Faust noise)."""
+    lines = [line for line in worker.log.read_text(errors="replace").splitlines() if '"level": "ERROR"' in line]
+    return "\n".join(line[:1500] for line in lines[-last:])
+
+
 def decisions_by_key(kafka: Kafka) -> Counter[bytes]:
     return Counter(r.key for r in kafka.records["refund.decisions"])
 
@@ -300,7 +306,7 @@ def test_hostile_images_are_held_with_a_named_reason(env: Env) -> None:
     # - the decoding guards: see tests/scorers/test_prepare.py.
     loopback = f"http://127.0.0.1:{env.counter.port}"
     served = {
-        "/bomb.png": _file(hostile.bomb_png(), "image/png"),
+        "/bomb.png": _file(hostile.bomb_png(20_000, 10_000), "image/png"),  # complete file, 24 KB, 200 Mpx
         "/truncated.jpg": _file(hostile.truncated_jpeg()),
         "/text-bomb.png": _file(hostile.text_bomb_png(), "image/png"),
         "/login-page.jpg": _file(hostile.HTML_PAGE, "text/html"),
@@ -556,10 +562,11 @@ def _expected(raw: bytes) -> tuple[str, str]:
 
 
 def test_hostile_events_each_end_as_one_decision_or_one_dead_letter(env: Env) -> None:
-    # How I checked this can fail: on a copy of the tree I made intake's ContractError branch
-    # re-raise (no DLQ) and, separately, removed the try/except around the decide step in
-    # _Guard.handle_batch. Both made the test fail: keys left without any outcome (the agent
-    # crashed and its messages were lost), and the final valid request was never decided.
+    # How I checked this fails: on a copy of the tree, intake re-raising schema errors instead of
+    # dead-lettering them left dead letters missing and the final request undecided. And
+    # on the tree as I found it, the fixed case requested_at=9999-12-31T23:59:59Z crashes the
+    # decide agent (OverflowError in scorers/policy.py decide(), raised again in _hold_unscored):
+    # the rest of its batch and every later request get no decision. Fails until that is fixed.
     seed = int(os.environ.get("HOSTILE_SEED", random.randrange(2**32)))
     print(f"\nhypothesis seed {seed} (rerun with HOSTILE_SEED={seed})")
     template = valid_request(env, "REFUND")
@@ -591,12 +598,12 @@ def test_hostile_events_each_end_as_one_decision_or_one_dead_letter(env: Env) ->
         return wanted_decisions <= set(decisions_by_key(env.kafka)) and wanted_letters <= letters
 
     try:
-        env.kafka.collect("refund.decisions", complete, 120)
+        env.kafka.collect("refund.decisions", complete, 60)  # ~15 s when all is well
     except AssertionError:
         missing_d = wanted_decisions - set(decisions_by_key(env.kafka))
         missing_l = wanted_letters - {r.key for r in env.kafka.records["refund.requests.dlq"]}
         raise AssertionError(f"no outcome for decisions {sorted(missing_d)[:10]} / dead letters "
-                             f"{sorted(missing_l)[:10]}:\n{env.worker.log_tail()}") from None
+                             f"{sorted(missing_l)[:10]}; worker errors:\n{worker_errors(env.worker)}") from None
     time.sleep(2)  # anything duplicated arrives now
     env.kafka.collect("refund.decisions", lambda _: True, 1)
 

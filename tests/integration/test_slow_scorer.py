@@ -163,9 +163,9 @@ def timeouts(decision: dict[str, Any]) -> dict[str, str]:
 
 
 def test_python_level_hang_is_interrupted_in_the_child(env: Env) -> None:
-    # Checked on a copy of the tree: with _budget() in image_pool.py made a no-op, the sleep ran
-    # until the pool-level timeout killed the child: every image scorer timed out and the pool
-    # was rebuilt, so the first two assertions on `slow` failed.
+    # Checked on a copy of the tree: with _budget() in image_pool.py made a no-op the sleep ran
+    # until the pool-level timeout killed the child, all three image scorers were reported as
+    # timed out, and the test failed on the set of timed-out scorers.
     children = pool_children(env.worker)
     rebuilt_before = rebuilds(env.worker)
     send(env, "RF-SLOW-PY-1", "BY-SLOW-PY")
@@ -189,8 +189,7 @@ def test_python_level_hang_is_interrupted_in_the_child(env: Env) -> None:
 
 def test_native_level_hang_gets_the_pool_child_killed_and_replaced(env: Env) -> None:
     # Checked on a copy of the tree: with ImagePool._recycle made a no-op the hung child stayed,
-    # the follow-up queued behind it and was held SCORER_TIMEOUT too: the test failed. With the
-    # wait_for around the pool job removed, nothing was decided and the collect timed out.
+    # the follow-up queued behind it and was held SCORER_TIMEOUT too: the test failed there.
     children = pool_children(env.worker)
     assert children, "the pool has no children to hang"
     rebuilt_before = rebuilds(env.worker)

@@ -151,3 +151,13 @@ def test_dead_letters_validate_and_keep_the_bytes() -> None:
     big = dead_letter(error="too big", error_kind="oversized", topic="t", partition=0, offset=0, key=None,
                       value=b"x" * 5000, failed_at=datetime.now(UTC), max_value_bytes=1000)
     assert big.value_truncated and big.value_size == 5000 and len(base64.b64decode(big.value_base64)) == 1000
+
+
+@pytest.mark.parametrize("stamp", ["9999-12-31T23:59:59Z", "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+14:00"])
+def test_timestamps_that_would_overflow_date_arithmetic_are_rejected(
+    example_request: dict[str, Any], stamp: str
+) -> None:
+    example_request["requested_at"] = stamp
+    with pytest.raises(ContractError, match="supported range") as caught:
+        parse_request(raw(example_request), 1 << 20)
+    assert caught.value.kind == "schema"

@@ -31,6 +31,7 @@ class Message:
     topic: str = "refundguard-by-buyer"
     partition: int = 0
     offset: int = 0
+    key: bytes | None = b"BY-1"
 
 
 @dataclass(eq=False)
@@ -47,7 +48,7 @@ class Topic:
 
 
 class InlinePool:
-    async def run(self, job: ImageJob, timeout_s: float) -> ImageJobResult:
+    async def run(self, job: ImageJob) -> ImageJobResult:
         return run_image_job(job)
 
 
@@ -62,7 +63,7 @@ def step(tmp_path: Path) -> DecideStep:
     g: RefundGuard = build(Settings(store="memory", data_dir=tmp_path, shadow_policy_file=shadow), start_pool=False)
     d = g.decider
     d.buyers, d.taints, d.evidence_index = {}, {}, {}
-    d.decisions_topic, d.shadow_topic, d.applied_topic = Topic(), Topic(), Topic()
+    d.decisions_topic, d.shadow_topic, d.applied_topic, d.dlq_topic = Topic(), Topic(), Topic(), Topic()
     d.scorer.pool = InlinePool()  # type: ignore[assignment]
     return d
 
@@ -158,9 +159,24 @@ async def test_shadow_policy_decides_the_same_scores_separately(step: DecideStep
     assert load_policy().version == live["policy_version"]
 
 
-async def test_a_broken_internal_message_is_logged_and_the_batch_goes_on(step: DecideStep,
-                                                                         example_request: dict) -> None:
+async def test_a_broken_internal_message_is_dead_lettered_and_the_batch_goes_on(step: DecideStep,
+                                                                                example_request: dict) -> None:
     good = req(request(example_request, 1, buyer="BY-Y", at=T0))
-    events = [Event(Message(b"{broken")), Event(Message(json.dumps(good).encode()))]
+    events = [Event(Message(b"{broken", offset=7)), Event(Message(json.dumps(good).encode()))]
     await step.handle_batch(events)  # type: ignore[arg-type]
     assert list(decisions(step)) == ["RF-1"]
+    ((_, letter),) = step.dlq_topic.sent  # type: ignore[attr-defined]
+    assert letter["error_kind"] == "internal" and letter["source"]["offset"] == 7
+
+
+async def test_when_even_the_fallback_hold_fails_the_request_is_dead_lettered(
+    step: DecideStep, example_request: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise OverflowError("date value out of range")
+
+    monkeypatch.setattr("streams.app.decide", broken)
+    await feed(step, req(request(example_request, 1, buyer="BY-Z", at=T0)))
+    assert decisions(step) == {}
+    ((_, letter),) = step.dlq_topic.sent  # type: ignore[attr-defined]
+    assert letter["error_kind"] == "processing" and "OverflowError" in letter["error"]
