@@ -57,6 +57,7 @@ log = logging.getLogger("refundguard")
 HEALTH_LIVE = "/health/live"
 HEALTH_READY = "/health/ready"
 METRICS = "/metrics"
+GLOBAL_TABLE_STORE = "memory:///"
 
 
 @dataclass
@@ -104,8 +105,54 @@ def _short_fetch_wait(max_wait_ms: int) -> None:
     driver.AIOKafkaConsumerThread._create_worker_consumer = create
 
 
+def _fetched_highwaters(max_wait_ms: int) -> None:
+    """Table recovery reads a changelog up to its end offset, which Faust takes from
+    ListOffsets. Tansu's object/memory storage answers that with the newest *batch's* base
+    offset + 1 (a changelog holding 0..11 in two batches reports 11, not 12), so recovery
+    stopped short and a restart with a RocksDB offset past that end failed with
+    ConsistencyError. A fetch response carries the true high watermark: read one record
+    just before the reported end and take the larger value. On a correct broker this is
+    one extra fetch per recovery and changes nothing."""
+    from faust.transport.drivers import aiokafka as driver
+
+    original = driver.AIOKafkaConsumerThread._highwaters
+    if getattr(original, "_refundguard_fetched", False):
+        return
+
+    async def highwaters(self: Any, partitions: list[Any]) -> Any:
+        ends = dict(await original(self, partitions))
+        probed = [tp for tp, end in ends.items() if end]
+        if not probed or self.consumer.in_transaction:
+            return ends
+        probe = self._create_client_consumer(self.transport)
+        probe._fetch_max_wait_ms = max_wait_ms
+        await probe.start()
+        try:
+            probe.assign(probed)
+            for tp in probed:
+                probe.seek(tp, ends[tp] - 1)
+            pending = set(probed)
+            deadline = time.monotonic() + self.app.conf.broker_request_timeout
+            while pending and time.monotonic() < deadline:
+                await probe.getmany(*pending, timeout_ms=200)
+                for tp in list(pending):
+                    high = probe.highwater(tp)
+                    if high is not None:
+                        ends[tp] = max(ends[tp], high)
+                        pending.discard(tp)
+            if pending:
+                log.warning("no high watermark fetched for %s; using the listed end offsets", sorted(pending))
+        finally:
+            await probe.stop()
+        return ends
+
+    highwaters._refundguard_fetched = True  # type: ignore[attr-defined]
+    driver.AIOKafkaConsumerThread._highwaters = highwaters
+
+
 def build(settings: Settings, *, start_pool: bool = True) -> RefundGuard:
     _short_fetch_wait(settings.consumer_fetch_max_wait_ms)
+    _fetched_highwaters(settings.consumer_fetch_max_wait_ms)
     policy = load_policy(settings.policy_file)
     shadow_policy = load_policy(settings.shadow_policy_file) if settings.shadow_policy_file else None
     metrics = Metrics()
@@ -158,20 +205,24 @@ def build(settings: Settings, *, start_pool: bool = True) -> RefundGuard:
     shadow_topic = app.topic(t.shadow_decisions, key_type=bytes, value_type=bytes, value_serializer="raw",
                              key_serializer="raw", partitions=t.partitions)
 
-    table_schema = faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json")
+    # key_type=bytes on each table, not a shared Schema: Faust reads a changelog back with the
+    # table's own key serializer (json unless key_type says bytes) and mutates a Schema passed
+    # to it, so raw keys failed to decode and recovery never applied a record.
     # use_partitioner: batches (take_events) have no current event to take the partition
     # from; the key is the by-buyer topic's key, so the partitioner picks the same partition.
     buyers = app.Table("buyers", default=None, partitions=t.partitions, use_partitioner=True,
-                       schema=table_schema)
+                       key_type=bytes)
     # Global: every worker holds all of it; see README "State" for sizes and limits.
     # partitions=1 and recovery_buffer_size=1 avoid Faust's GlobalTable recovery loop with
     # several workers; use_partitioner because writes come from events of other partitions.
     # In memory: rebuilt from the changelog at start (they are small), and the RocksDB store
     # would file writes under the source event's partition, not the table's single one.
+    # "memory:///", not "memory://": yarl makes that URL falsy, and Faust then silently
+    # used the app's RocksDB store.
     taints = app.GlobalTable("taints", default=None, partitions=1, recovery_buffer_size=1,
-                             use_partitioner=True, schema=table_schema, store="memory://")
+                             use_partitioner=True, key_type=bytes, store=GLOBAL_TABLE_STORE)
     evidence_index = app.GlobalTable("evidence-index", default=None, partitions=1, recovery_buffer_size=1,
-                                     use_partitioner=True, schema=table_schema, store="memory://")
+                                     use_partitioner=True, key_type=bytes, store=GLOBAL_TABLE_STORE)
 
     fetcher = ImageFetcher(settings.fetch)
     pool = ImagePool(settings.scoring.image_workers, (), tuple(settings.scoring.disabled))
@@ -230,7 +281,7 @@ def build(settings: Settings, *, start_pool: bool = True) -> RefundGuard:
     decide_agent = app.agent(by_buyer_topic, name="decide")(decide_stream)
 
     guard = DecideStep(settings, policy, shadow_policy, metrics, scorer, buyers, taints, evidence_index,
-                   decisions_topic, shadow_topic, applied_topic)
+                   decisions_topic, shadow_topic, applied_topic, dlq_topic)
 
     @app.page(METRICS)
     async def metrics_page(_web: Any, _request: Any) -> web.Response:
@@ -315,7 +366,7 @@ class DecideStep:
 
     def __init__(self, settings: Settings, policy: Policy, shadow_policy: Policy | None, metrics: Metrics,
                  scorer: RequestScorer, buyers: Any, taints: Any, evidence_index: Any, decisions_topic: Any,
-                 shadow_topic: Any, applied_topic: Any) -> None:
+                 shadow_topic: Any, applied_topic: Any, dlq_topic: Any) -> None:
         self.settings = settings
         self.policy = policy
         self.shadow_policy = shadow_policy
@@ -327,42 +378,56 @@ class DecideStep:
         self.decisions_topic = decisions_topic
         self.shadow_topic = shadow_topic
         self.applied_topic = applied_topic
+        self.dlq_topic = dlq_topic
 
     async def handle_batch(self, events: list[EventT]) -> None:
-        envelopes: list[dict[str, Any] | None] = []
+        items: list[tuple[EventT, RefundRequest | RefundOutcome, float | None]] = []
         for event in events:
             try:
-                envelopes.append(json.loads(event.message.value or b""))
-            except ValueError:  # intake wrote it; a broken one is a bug, logged, not fatal
-                log.error("unreadable internal message at %s[%s]@%s", event.message.topic,
-                          event.message.partition, event.message.offset)
-                envelopes.append(None)
-        requests: list[tuple[int, RefundRequest]] = []
-        for i, env in enumerate(envelopes):
-            if env and env.get("type") == "request":
-                requests.append((i, RefundRequest.model_validate_json(_dumps(env["value"]), strict=True)))
+                envelope = json.loads(event.message.value or b"")
+                model = RefundRequest if envelope["type"] == "request" else RefundOutcome
+                parsed = model.model_validate_json(_dumps(envelope["value"]), strict=True)
+                items.append((event, parsed, envelope.get("ts")))
+            except Exception as exc:  # intake validated it, so this is a bug; keep the message
+                await self._dead_letter(event, "internal", f"unreadable internal message: {exc}"[:500])
+        requests = [(i, m) for i, (_, m, _) in enumerate(items) if isinstance(m, RefundRequest)]
         # Images for the whole batch at once: fetches overlap, the pool runs in parallel.
         phases = await asyncio.gather(*(self._image_phase(r) for _, r in requests))
         phase_of = {i: phase for (i, _), phase in zip(requests, phases, strict=True)}
-        request_of = dict(requests)
         # State, behaviour and policy strictly in order: a buyer's second claim sees the first.
-        for i, env in enumerate(envelopes):
-            if env is None:
-                continue
+        for i, (event, message, ts) in enumerate(items):
             # A batch has no "current event"; Faust's RocksDB store files a write under
             # the current event's partition, so point it at this envelope's event.
-            _current_event.set(weakref.ref(events[i]))
+            _current_event.set(weakref.ref(event))
             try:
-                if env["type"] == "request":
-                    await self._decide(request_of[i], phase_of[i], env.get("ts"))
-                elif env["type"] == "outcome":
-                    outcome = RefundOutcome.model_validate_json(_dumps(env["value"]), strict=True)
-                    self._apply_outcome(outcome)
-                    await self.applied_topic.send(key=outcome.refund_id.encode(), value=b"{}")
-            except Exception:
-                log.exception("failed to handle %s", env.get("type"))
-                if env["type"] == "request":
-                    await self._hold_unscored(request_of[i], env.get("ts"))
+                if isinstance(message, RefundRequest):
+                    await self._decide(message, phase_of[i], ts)
+                else:
+                    self._apply_outcome(message)
+                    await self.applied_topic.send(key=message.refund_id.encode(), value=b"{}")
+            except Exception as exc:
+                log.exception("failed to handle %s", message.refund_id)
+                await self._fail_closed(event, message, ts, exc)
+
+    async def _fail_closed(self, event: EventT, message: RefundRequest | RefundOutcome, ts: float | None,
+                           error: Exception) -> None:
+        """A request that could not be scored is held; if even that fails, it is dead-lettered."""
+        try:
+            if isinstance(message, RefundRequest):
+                await self._hold_unscored(message, ts)
+                return
+        except Exception as exc:
+            log.exception("cannot hold %s either", message.refund_id)
+            error = exc
+        await self._dead_letter(event, "processing", f"{type(error).__name__}: {error}"[:500])
+
+    async def _dead_letter(self, event: EventT, kind: str, error: str) -> None:
+        m = event.message
+        record = dead_letter(error=error, error_kind=kind, topic=m.topic, partition=m.partition, offset=m.offset,
+                             key=m.key, value=m.value or b"", failed_at=datetime.now(UTC),
+                             max_value_bytes=self.settings.dlq_max_value_bytes)
+        await self.dlq_topic.send(key=m.key, value=record.to_json())
+        self.metrics.dead_letters.labels(kind).inc()
 
     async def _image_phase(self, request: RefundRequest) -> ImagePhase:
         try:
