@@ -9,7 +9,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -228,10 +228,3 @@ def decide(
 
 def _default_code(scorer_name: str) -> str:
     return scorer_name.upper().replace(".", "_") + "_HIGH"
-
-
-def parse_amount(value: str) -> Decimal:
-    try:
-        return Decimal(value)
-    except InvalidOperation as exc:  # the schema's pattern makes this unreachable for valid events
-        raise ValueError(f"not a decimal amount: {value!r}") from exc

@@ -19,7 +19,6 @@ from scorers.base import ImageRole, PreparedImage
 # Formats a phone, a shop or an AI tool produces. Anything else (SVG, PSD, EPS,
 # ICO, animations used as images) is refused rather than half-understood.
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "MPO", "HEIF", "AVIF", "TIFF", "BMP", "GIF"})
-MAX_FRAMES = 1  # evidence is a still photo: multi-frame files are read at frame 0 only
 # Where more than one frame means an animation. Evidence must be a still: the scorers see one
 # frame, the others could show anything. (MPO stays: phones store a second picture in it.)
 ANIMATION_FORMATS = frozenset({"GIF", "PNG", "WEBP"})
