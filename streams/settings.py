@@ -53,7 +53,9 @@ class ScoringSettings(BaseSettings):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="REFUNDGUARD_", frozen=True, env_nested_delimiter="__")
+    model_config = SettingsConfigDict(
+        env_prefix="REFUNDGUARD_", frozen=True, env_nested_delimiter="__", populate_by_name=True
+    )
 
     bootstrap: str = Field(
         "127.0.0.1:9092",
