@@ -302,12 +302,16 @@ def build(settings: Settings, *, start_pool: bool = True) -> RefundGuard:
         metrics.ready.set(1 if _is_ready(app) else 0)
         await _observe_lag(app, metrics, frozenset({t.requests, t.outcomes, by_buyer_topic.get_topic_name()}))
 
-    @app.task
-    async def start_pool() -> None:
-        if pool is not None and start_pool_now:
+    if pool is not None and start_pool:
+        # Spawn the children before the first batch, so it does not pay for their start.
+        @app.task
+        async def warm_pool() -> None:
             await asyncio.to_thread(pool.start)
 
-    start_pool_now = start_pool
+    @app.on_before_shutdown.connect
+    async def close_fetcher(_app: Any, **_kwargs: Any) -> None:
+        await fetcher.close()
+
     return RefundGuard(settings, app, policy, shadow_policy, metrics, scorer, pool, fetcher, intake_r, intake_o,
                        decide_agent, by_buyer_topic, decisions_topic, dlq_topic, shadow_topic, buyers, taints,
                        evidence_index, guard)
