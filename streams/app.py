@@ -453,8 +453,9 @@ class DecideStep:
             band_keys=band_keys, distance=hamming, max_distance=MATCH_DISTANCE,
             lookup=lambda k: self.evidence_index.get(k.encode()),
         )
+        buyer_state = self.buyers.get(buyer_key)
         features = st.buyer_features(
-            self.buyers.get(buyer_key), refund_id=request.refund_id, requested_at=request.requested_at,
+            buyer_state, refund_id=request.refund_id, requested_at=request.requested_at,
             currency=request.amount.currency, tainted_links=links, evidence_matches=matches,
         )
         results = dict(phase.results)
@@ -471,7 +472,7 @@ class DecideStep:
         # State after publishing: a crash in between re-processes the request from the
         # same state, which gives the same decision.
         self.buyers[buyer_key] = st.record_claim(
-            self.buyers.get(buyer_key), refund_id=request.refund_id, order_id=request.order_id,
+            buyer_state, refund_id=request.refund_id, order_id=request.order_id,
             requested_at=request.requested_at, merchant_id=request.merchant_id, amount=request.amount.amount,
             currency=request.amount.currency, kind=request.kind, fingerprints=fingerprints,
         )

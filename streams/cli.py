@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from scorers.policy import PolicyError, load_policy
+from streams import bench
 from streams.broker import BrokerError, EmbeddedBroker, create_topics, free_port, wait_for_port
 from streams.replay import Replayer, ReplayError, read_events, summarize, write_decisions
 from streams.settings import Settings
@@ -287,10 +288,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=120.0)
     d.set_defaults(func=cmd_demo)
 
-    with contextlib.suppress(ImportError):
-        from streams import bench
-
-        bench.add_parser(sub)
+    bench.add_parser(sub)
     return p
 
 

@@ -16,10 +16,11 @@ import multiprocessing
 import os
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
 
 from scorers.base import PreparedImage, Reason, RequestFacts, Scorer, ScoreResult, ScoringInput
@@ -81,6 +82,29 @@ def _image_scorers() -> list[Scorer | Unavailable]:
     return _child_scorers
 
 
+# Listing photos repeat across requests: keep the decoded ones (about 2-3 MB each) per child.
+_REFERENCE_CACHE_ENTRIES = 16
+_prepared_references: OrderedDict[tuple[str, int], PreparedImage] = OrderedDict()
+
+
+def _prepare(raw: RawImage, job: ImageJob) -> PreparedImage:
+    key = (raw.cache_key, job.working_side)
+    cacheable = raw.role != "evidence" and bool(raw.cache_key)
+    if cacheable and key in _prepared_references:
+        _prepared_references.move_to_end(key)
+        cached = _prepared_references[key]
+        return replace(cached, image_id=raw.image_id, role=raw.role)  # type: ignore[arg-type]
+    prepared = prepare_image(
+        raw.data, image_id=raw.image_id, role=raw.role,  # type: ignore[arg-type]
+        working_side=job.working_side, max_pixels=job.max_pixels, cache_key=raw.cache_key,
+    )
+    if cacheable:
+        _prepared_references[key] = prepared
+        while len(_prepared_references) > _REFERENCE_CACHE_ENTRIES:
+            _prepared_references.popitem(last=False)
+    return prepared
+
+
 class _Overrun(Exception):
     pass
 
@@ -108,10 +132,7 @@ def run_image_job(job: ImageJob) -> ImageJobResult:
     started = time.process_time()
     for raw in job.images:
         try:
-            prepared = prepare_image(
-                raw.data, image_id=raw.image_id, role=raw.role,  # type: ignore[arg-type]
-                working_side=job.working_side, max_pixels=job.max_pixels, cache_key=raw.cache_key,
-            )
+            prepared = _prepare(raw, job)
         except ImageProblem as problem:
             code = problem.code if raw.role == "evidence" else "REFERENCE_" + problem.code
             out.problems.append(Reason(code, str(problem), 1.0, {"image_id": raw.image_id, "role": raw.role}))
