@@ -68,6 +68,11 @@ def _init_child(enabled: tuple[str, ...], disabled: tuple[str, ...]) -> None:
     _child_scorers = None
     # Ctrl-C goes to the parent, which shuts the pool down in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker killed with SIGKILL cannot shut its pool down: make the children follow it.
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     with contextlib.suppress(ImportError):
         import cv2
 
