@@ -5,22 +5,23 @@ it with an AI editor, perhaps resizes, crops, mirrors, turns or re-colours it, a
 as their photo of the item. A *genuine* photo of the same item looks alike but was taken with
 another camera, pose and light, on another surface; it must not count as derived.
 
-How, per evidence image and reference:
+Per evidence image, all at a working size of 512 px:
 
-1. Geometry. ORB features of both at a reduced working size (reference features are cached
-   per process; the mirrored reference's too, so a mirrored copy matches without extra work on
-   the evidence), ratio-tested matches, a RANSAC homography, and sanity checks on it (scale,
-   skew, perspective, enough inliers).
-2. Pixel agreement. The reference is warped onto the evidence and its tones mapped through a
-   monotone curve per channel fitted on the overlap (absorbs gamma, contrast and colour casts).
-   A derived copy then agrees almost everywhere: in textured patches the local structure
-   correlates (NCC), and the mapped tones leave little residual. A genuine re-photograph fails
-   both: its background, shading and 3D pose differ over most of the frame, which no single
-   homography and tone curve explain.
-3. Localisation. For a derived copy, the residual outside a small tolerance band (which
-   forgives the 1-2 px of resampling blur and misalignment), cleaned with morphology, splits
-   into connected components: the changed region(s), reported in the evidence file's own
-   pixel coordinates.
+1. Geometry. ORB features, ratio-tested matches against each reference (and its mirror image:
+   reference features are cached per process, mirrored ones too), RANSAC on a similarity, then
+   an affine map refined on its inliers. No perspective: resizing, cropping, mirroring and
+   turning a file never produce one, re-photographing does. The map must be a plausible edit
+   (scale, stretch) and be supported by many consistent matches.
+2. Pixel agreement. The reference is warped onto the evidence, the alignment refined to a
+   fraction of a pixel (phase correlation in patches), and its tones mapped through a curve
+   per channel fitted on the overlap (gamma, contrast, colour casts). A copy then agrees almost
+   everywhere: textured patches correlate and the residual is small. A genuine photograph
+   fails: its background, shading and 3D pose differ over much of the frame, which no affine
+   map and tone curve explain.
+3. Localisation. For a copy, the residual outside a 3x3 tolerance band (after bringing both
+   images to equal crispness), plus a local mean of the colour difference for faint extended
+   changes, thresholded against the copy's own noise, grown by hysteresis, merged into
+   regions: reported in the evidence file's displayed pixel coordinates.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from typing import Generic, TypeVar
 
 import cv2
 import numpy as np
@@ -40,43 +42,48 @@ from scorers.base import PreparedImage, Reason, ScoreResult, ScoringInput, clamp
 WORK_SIDE = 512
 FINE_BLUR = 0.6  # px, when locating changes: the two images went through different resampling filters
 SHARPNESS_STEPS = (0.4, 0.6, 0.8, 1.0, 1.3, 1.7)  # blurs tried to bring the two to equal crispness
-ORB_FEATURES = 500
+ORB_FEATURES = 400
 RATIO_TEST = 0.8
 RANSAC_PIXELS = 4.0
 MIN_INLIERS = 14
 STRONG_INLIERS, STRONG_MATCH_RATIO = 60, 0.6  # a direct match this good needs no mirrored try
-# A derived copy's homography is close to a similarity: bounds on what resizing/cropping/turning produce.
+STRETCH_EVIDENCE = 1.25  # a stretched (affine) fit must explain this many times the matches of a similarity
+# A derived copy's map is close to a similarity: bounds on what resizing/cropping/turning produce.
 SCALE_RANGE = (0.35, 3.0)
 MAX_ANISOTROPY = 1.5
-MAX_PERSPECTIVE = 0.2  # change of the projective denominator across the image
 MIN_COVERAGE = 0.5  # share of the evidence the warped reference must cover
 BORDER = 4  # working pixels at the evidence's edges left out of every comparison
 # Sub-pixel refinement of the alignment.
 REFINE_GRID = 7  # patches per side
 REFINE_PATCH = 64
-REFINE_BLUR = 1.5
+REFINE_BLUR = 1.5  # px: the images are smoothed this much for it
 REFINE_TEXTURE = 5.0  # grey-level std a patch needs for a shift to be measurable
 # Agreement that makes an image "derived".
 PATCH = 16
 TEXTURED_STD = 3.0  # grey levels: a patch flatter than this says nothing about structure
 PATCH_NCC = 0.75
 MIN_TEXTURED_PATCHES = 8
-DERIVED_AGREEMENT = 0.6  # share of textured patches whose structure correlates
+DERIVED_AGREEMENT = 0.75  # share of textured patches whose structure correlates (copies: 0.85+, other shots: < 0.7)
+MIN_SUPPORT = 12.0  # inliers x inlier share of the matches (copies measured: 26+)
 EDGE_ALLOWANCE = 0.5  # of the local contrast, forgiven when locating changes next to edges
 TONE_FIT_SLACK = 6.0  # grey levels: a tone curve that misses the medians by more is not trusted
 TONE_TOLERANCE = 14.0  # grey levels a derived copy's pixels may stray from the mapped reference
 DERIVED_MAX_STRAY = 0.3  # share of the overlap allowed to stray by more (edits, crops' borders)
 FIRST_LOOK_MAX_STRAY = 0.2  # in grey, before the sub-pixel refinement (copies measured: at most 0.1)
 # Localisation of the change.
-LOCATE_TOLERANCE = 10.0  # grey levels, the least change that counts when locating (noisy copies: more)
+LOCATE_TOLERANCE = 6.0  # grey levels, the least change that counts when locating (noisy copies: more)
 BROAD_WINDOW = 5  # pixels (at half the locating scale) averaged for faint, extended changes
 BROAD_TOLERANCE = 5.0  # grey levels of local mean difference
 BROAD_EDGE_ALLOWANCE = 0.4  # of the local contrast
+FAINT_SHARE = 0.7  # of the tolerance: fainter pixels connected to a clear change belong to it
+MIN_SEED_PIXELS = 6
 LARGE_REGION_SHARE = 0.002  # of the overlap: a faint change this large still counts
 MIN_REGION_SHARE = 0.0004  # of the overlap: smaller residue is noise or resampling, not an edit
 REGION_MERGE_GAP = 0.05  # of the diagonal: parts of one edit (a crack's branches) closer than this merge
 MAX_REGIONS = 3
 CACHE_SIZE = 256
+
+T = TypeVar("T")
 
 EDITED_CODE = "EVIDENCE_EDITED_FROM_LISTING"
 COPY_CODE = "EVIDENCE_IS_REFERENCE_PHOTO"
@@ -97,8 +104,8 @@ class _ReferenceFeatures:
 
 @dataclass(frozen=True)
 class _Alignment:
-    reference: PreparedImage
-    homography: np.ndarray  # reference working pixels -> evidence working pixels
+    reference: PreparedImage = field(repr=False)
+    homography: np.ndarray  # 3x3 (affine), reference working pixels -> evidence working pixels
     inliers: int
     match_ratio: float
     mirrored: bool
@@ -114,25 +121,25 @@ class _Verdict:
     coverage: float
     regions: tuple[tuple[int, int, int, int], ...]  # in evidence file pixels, strongest first
     changed_fraction: float  # of the overlap
-    contrast: float  # peak residual of the regions over the tolerance
+    contrast: float  # the strongest region's peak, in multiples of its tolerance
 
 
-class _LRU:
-    """A small thread-safe LRU for per-process feature caches."""
+class _LRU(Generic[T]):
+    """A small thread-safe LRU for per-process caches."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._items: OrderedDict[str, _ReferenceFeatures] = OrderedDict()
+        self._items: OrderedDict[str, T] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> _ReferenceFeatures | None:
+    def get(self, key: str) -> T | None:
         with self._lock:
             value = self._items.get(key)
             if value is not None:
                 self._items.move_to_end(key)
             return value
 
-    def put(self, key: str, value: _ReferenceFeatures) -> None:
+    def put(self, key: str, value: T) -> None:
         with self._lock:
             self._items[key] = value
             self._items.move_to_end(key)
@@ -150,7 +157,9 @@ class ReferenceMatchScorer:
     kind = "image"
 
     def __init__(self, cache_size: int = CACHE_SIZE) -> None:
-        self._cache = _LRU(cache_size)
+        self._cache: _LRU[_ReferenceFeatures] = _LRU(cache_size)
+        # The references' working-size pixels too (0.75 MB each: fewer), for the listings that keep coming back.
+        self._pixels: _LRU[np.ndarray] = _LRU(max(1, cache_size // 8))
         self._orb = cv2.ORB_create(nfeatures=ORB_FEATURES, scaleFactor=1.2, nlevels=6,
                                    edgeThreshold=15, patchSize=21, fastThreshold=7)
         self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
@@ -181,12 +190,20 @@ class ReferenceMatchScorer:
 
     # ------------------------------------------------------------ features
 
+    def _reference_colour(self, ref: PreparedImage) -> np.ndarray:
+        key = _cache_key(ref)
+        colour = self._pixels.get(key)
+        if colour is None:
+            colour = _working_colour(ref.pixels)
+            self._pixels.put(key, colour)
+        return colour
+
     def _reference_features(self, ref: PreparedImage) -> _ReferenceFeatures:
-        key = ref.cache_key or f"id:{ref.image_id}:{ref.pixels.shape}"
+        key = _cache_key(ref)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        grey = _working_grey(ref.pixels)
+        grey = cv2.cvtColor(self._reference_colour(ref), cv2.COLOR_RGB2GRAY)
         features = _ReferenceFeatures(self._features(grey), self._features(np.ascontiguousarray(grey[:, ::-1])))
         self._cache.put(key, features)
         return features
@@ -218,13 +235,13 @@ class ReferenceMatchScorer:
         if not alignments:
             return None
         alignments.sort(key=lambda a: -a.inliers)
-        verdict = _verify(colour, grey, evidence, alignments[0])
+        verdict = _verify(colour, grey, evidence, alignments[0], self._reference_colour(alignments[0].reference))
         # Another reference (the listing's second shot, the mirrored match of a symmetric item)
         # gets a look only when the best did not verify and it is nearly as well supported.
         for runner_up in alignments[1:3]:
             if verdict.derived or runner_up.inliers < 0.5 * alignments[0].inliers:
                 break
-            other = _verify(colour, grey, evidence, runner_up)
+            other = _verify(colour, grey, evidence, runner_up, self._reference_colour(runner_up.reference))
             if (other.derived, other.agreement - other.stray) > (verdict.derived, verdict.agreement - verdict.stray):
                 verdict = other
         return verdict
@@ -250,16 +267,27 @@ class ReferenceMatchScorer:
         if similarity is None or rough is None or int(rough.sum()) < MIN_INLIERS:
             return None
         near = np.flatnonzero(rough.ravel())
-        affine, refined = cv2.estimateAffine2D(src[near], dst[near], method=cv2.RANSAC,
-                                               ransacReprojThreshold=RANSAC_PIXELS, maxIters=200,
-                                               confidence=0.995, refineIters=10)
-        if affine is None or refined is None:
+        # Refit on those: a similarity, unless a full affine map (a file stretched along one
+        # axis) explains clearly more matches. A free affine fit would otherwise let a periodic
+        # pattern (a speaker grille, a check) pull it a row off along one axis.
+        fitted, refined = cv2.estimateAffinePartial2D(src[near], dst[near], method=cv2.RANSAC,
+                                                      ransacReprojThreshold=RANSAC_PIXELS, maxIters=200,
+                                                      confidence=0.995, refineIters=10)
+        stretched, stretch_kept = cv2.estimateAffine2D(src[near], dst[near], method=cv2.RANSAC,
+                                                       ransacReprojThreshold=RANSAC_PIXELS, maxIters=200,
+                                                       confidence=0.995, refineIters=10)
+        if fitted is None or refined is None or (
+                stretched is not None and stretch_kept is not None
+                and int(stretch_kept.sum()) > STRETCH_EVIDENCE * int(refined.sum())):
+            fitted, refined = stretched, stretch_kept
+        if fitted is None or refined is None:
             return None
+        affine = fitted
         homography = np.vstack([affine, [0.0, 0.0, 1.0]])
         inlier_mask = np.zeros(len(good), np.uint8)
         inlier_mask[near[refined.ravel() > 0]] = 1
         inliers = int(inlier_mask.sum())
-        if inliers < MIN_INLIERS or not _plausible(homography, features.size):
+        if inliers < MIN_INLIERS or not _plausible(homography):
             return None
         if mirrored:  # compose with the flip so the homography maps the unflipped reference
             width = source.size[0]
@@ -274,9 +302,9 @@ class ReferenceMatchScorer:
 # ---------------------------------------------------------------- verification
 
 
-def _verify(colour: np.ndarray, grey: np.ndarray, evidence: PreparedImage, alignment: _Alignment) -> _Verdict:
+def _verify(colour: np.ndarray, grey: np.ndarray, evidence: PreparedImage, alignment: _Alignment,
+            reference: np.ndarray) -> _Verdict:
     height, width = grey.shape
-    reference = _working_colour(alignment.reference.pixels)
     warped_grey, valid = _warp_onto(cv2.cvtColor(reference, cv2.COLOR_RGB2GRAY), alignment.homography,
                                     (width, height))
     coverage = float(valid.mean())
@@ -290,7 +318,11 @@ def _verify(colour: np.ndarray, grey: np.ndarray, evidence: PreparedImage, align
     first_stray = _stray(_residual(seen_grey, mapped_grey, valid), valid)
     if first_stray > FIRST_LOOK_MAX_STRAY:
         return _Verdict(alignment, False, 0.0, first_stray, coverage, (), 0.0, 0.0)
-    correction = _refine(warped_grey, grey, valid)
+    # Smoothed further (to 1.5 px in all) for the refinement: fine grain and compression noise
+    # would otherwise steer the correlation.
+    extra = math.sqrt(REFINE_BLUR**2 - 1.0)
+    correction = _refine(cv2.GaussianBlur(blurred_grey, (0, 0), extra), cv2.GaussianBlur(seen_grey, (0, 0), extra),
+                         valid)
     if correction is not None:
         alignment = replace(alignment, homography=correction @ alignment.homography)
     warped, valid = _warp_onto(reference, alignment.homography, (width, height))
@@ -302,7 +334,11 @@ def _verify(colour: np.ndarray, grey: np.ndarray, evidence: PreparedImage, align
     agreement, textured = _structure_agreement(cv2.cvtColor(seen, cv2.COLOR_RGB2GRAY),
                                                cv2.cvtColor(mapped, cv2.COLOR_RGB2GRAY), valid)
     stray = _stray(_residual(seen, mapped, valid), valid)
-    derived = textured >= MIN_TEXTURED_PATCHES and agreement >= DERIVED_AGREEMENT and stray <= DERIVED_MAX_STRAY
+    # A copy's features match consistently (many inliers, and most matches among them); another
+    # photo of the item, even one that lines up in places, is supported by a few only.
+    support = alignment.inliers * alignment.match_ratio
+    derived = (textured >= MIN_TEXTURED_PATCHES and agreement >= DERIVED_AGREEMENT and stray <= DERIVED_MAX_STRAY
+               and support >= MIN_SUPPORT)
     if not derived:
         return _Verdict(alignment, False, agreement, stray, coverage, (), 0.0, 0.0)
     regions, changed, contrast = _localise(colour, warped, valid, curves, evidence)
@@ -318,9 +354,17 @@ def _refine(warped: np.ndarray, grey: np.ndarray, valid: np.ndarray) -> np.ndarr
     """
     height, width = grey.shape
     half = REFINE_PATCH // 2
-    # Smoothed first: fine grain and compression noise would otherwise steer the correlation.
-    warped = cv2.GaussianBlur(warped, (0, 0), REFINE_BLUR)
-    grey = cv2.GaussianBlur(grey, (0, 0), REFINE_BLUR)
+    area = REFINE_PATCH * REFINE_PATCH
+    # Patch variances from integral images: one pass instead of a std per patch.
+    sums = [cv2.integral2(image, sdepth=cv2.CV_64F) for image in (warped, grey)]
+
+    def variance(which: int, x0: int, y0: int) -> float:
+        total, squares = sums[which]
+        x1, y1 = x0 + REFINE_PATCH, y0 + REFINE_PATCH
+        s1 = total[y1, x1] - total[y0, x1] - total[y1, x0] + total[y0, x0]
+        s2 = squares[y1, x1] - squares[y0, x1] - squares[y1, x0] + squares[y0, x0]
+        return float(s2 / area - (s1 / area) ** 2)
+
     source, target = [], []
     for row in range(REFINE_GRID):
         for col in range(REFINE_GRID):
@@ -330,10 +374,10 @@ def _refine(warped: np.ndarray, grey: np.ndarray, valid: np.ndarray) -> np.ndarr
                 continue
             if not valid[y0:y0 + REFINE_PATCH:4, x0:x0 + REFINE_PATCH:4].all():
                 continue
+            if min(variance(0, x0, y0), variance(1, x0, y0)) < REFINE_TEXTURE**2:
+                continue
             patch_ref = warped[y0:y0 + REFINE_PATCH, x0:x0 + REFINE_PATCH].astype(np.float32)
             patch_ev = grey[y0:y0 + REFINE_PATCH, x0:x0 + REFINE_PATCH].astype(np.float32)
-            if patch_ref.std() < REFINE_TEXTURE or patch_ev.std() < REFINE_TEXTURE:
-                continue
             (dx, dy), response = cv2.phaseCorrelate(patch_ref, patch_ev, _hanning())
             if response < 0.2 or abs(dx) > 4 or abs(dy) > 4:
                 continue
@@ -403,7 +447,11 @@ def _localise(colour: np.ndarray, warped: np.ndarray, valid: np.ndarray, curves:
     seen = cv2.GaussianBlur(colour, (0, 0), FINE_BLUR)  # damps the evidence's compression ringing
     seen, warped = _equal_sharpness(seen, warped, valid)
     mapped = cv2.LUT(warped, curves)
-    residual = _residual(seen, mapped, valid, EDGE_ALLOWANCE)
+    # Pixel-sharp comparison in luma only: JPEG and WebP keep colour at half resolution, so next
+    # to fine coloured detail the colour differs by a pixel's worth between any two encodings.
+    # Colour changes still show in the broad (local mean) comparison below.
+    residual = _residual(cv2.cvtColor(seen, cv2.COLOR_RGB2GRAY), cv2.cvtColor(mapped, cv2.COLOR_RGB2GRAY), valid,
+                         EDGE_ALLOWANCE)
     size = (colour.shape[1], colour.shape[0])
     return _changed_regions(residual, _broad_difference(seen, mapped, valid), valid, evidence, size)
 
@@ -426,6 +474,11 @@ def _equal_sharpness(seen: np.ndarray, warped: np.ndarray, valid: np.ndarray) ->
         return seen, warped
     pick = slice(None, None, max(1, ys.size // 20_000))  # a sample of the edge pixels is enough
     ys, xs = ys[pick], xs[pick]
+    # Trial blurs only over the window holding the sample (plus the blur's reach).
+    top, left = max(0, int(ys.min()) - 8), max(0, int(xs.min()) - 8)
+    grey_seen = grey_seen[top:int(ys.max()) + 9, left:int(xs.max()) + 9]
+    grey_ref = grey_ref[top:int(ys.max()) + 9, left:int(xs.max()) + 9]
+    ys, xs = ys - top, xs - left
 
     def crispness(grey: np.ndarray) -> float:
         gx = grey[ys, xs + 1].astype(np.float32) - grey[ys, xs - 1]
@@ -515,8 +568,13 @@ _LEVELS = np.arange(256, dtype=np.float64) / 255
 def _power_curve(levels: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
     """Fit targets ~ gain * (level / 255) ** gamma + offset (gamma, contrast, brightness, one
     channel's colour cast): smooth, monotone and well behaved where samples are sparse. Two
-    passes; the second down-weights bins the first fits badly (edge pixels). None if no such
-    curve fits within a few grey levels."""
+    passes; the second down-weights bins the first fits badly (edge pixels). Bins whose
+    evidence level is clipped at black or white say only "at least"/"at most": they are left
+    out (the curve is clipped after). None if no such curve fits within a few grey levels."""
+    unclipped = (targets > 3) & (targets < 252)
+    if np.count_nonzero(unclipped) < 3:
+        return None
+    levels, targets, weights = levels[unclipped], targets[unclipped], weights[unclipped]
     x = levels / 255
     powered = x[None, :] ** _GAMMAS[:, None]  # (gammas, bins)
     for _ in range(2):
@@ -586,9 +644,11 @@ def _changed_regions(residual: np.ndarray, broad: np.ndarray, valid: np.ndarray,
     broad_tolerance = max(BROAD_TOLERANCE, 2.5 * float(np.percentile(broad[::4, ::4][valid[::4, ::4]], 90)))
     significance = cv2.max(residual.astype(np.float32) * (1 / sharp_tolerance), broad * (1 / broad_tolerance))
     seeds = significance > 1
-    # No opening: a scratch is one pixel wide at this scale. Dilation joins a crack's pieces;
-    # the area and strength tests below drop isolated specks.
-    changed = cv2.dilate(seeds.astype(np.uint8), np.ones((5, 5), np.uint8))
+    # Hysteresis: a change is seeded where it is clear and extends through connected fainter
+    # pixels (a crack's thinning ends, a stain's fading rim). No opening: a scratch is one
+    # pixel wide at this scale. Dilation joins a crack's pieces; the area and strength tests
+    # below drop isolated specks.
+    changed = cv2.dilate((significance > FAINT_SHARE).astype(np.uint8), np.ones((5, 5), np.uint8))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(changed, connectivity=8)
     min_area = max(16, MIN_REGION_SHARE * overlap)
     parts: list[tuple[float, list[int]]] = []
@@ -599,6 +659,8 @@ def _changed_regions(residual: np.ndarray, broad: np.ndarray, valid: np.ndarray,
             continue
         inside = labels[y:y + h, x:x + w] == label
         strength = significance[y:y + h, x:x + w][inside & seeds[y:y + h, x:x + w]]
+        if strength.size < MIN_SEED_PIXELS:
+            continue
         # Either a marked change somewhere, or a faint one over a large area; scattered specks
         # of compression noise are neither.
         if float(strength.max()) < 1.5 and strength.size < LARGE_REGION_SHARE * overlap:
@@ -673,11 +735,11 @@ def _working_colour(pixels: np.ndarray) -> np.ndarray:
     return _shrink(pixels, WORK_SIDE)
 
 
-def _working_grey(pixels: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(_working_colour(pixels), cv2.COLOR_RGB2GRAY)
+def _cache_key(ref: PreparedImage) -> str:
+    return ref.cache_key or f"id:{ref.image_id}:{ref.pixels.shape}"
 
 
-def _plausible(homography: np.ndarray, size: tuple[int, int]) -> bool:
+def _plausible(homography: np.ndarray) -> bool:
     """Could resizing, cropping, mirroring and a small turn have produced this map?"""
     h = homography / homography[2, 2]
     if not np.all(np.isfinite(h)):
@@ -688,9 +750,7 @@ def _plausible(homography: np.ndarray, size: tuple[int, int]) -> bool:
     scale = math.sqrt(singular[0] * singular[1])
     if not (SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]) or singular[0] / singular[1] > MAX_ANISOTROPY:
         return False
-    if np.linalg.det(h[:2, :2]) <= 0:  # a reflection is handled by the mirrored reference, never here
-        return False
-    return abs(h[2, 0]) * size[0] + abs(h[2, 1]) * size[1] <= MAX_PERSPECTIVE
+    return bool(np.linalg.det(h[:2, :2]) > 0)  # a reflection is handled by the mirrored reference, never here
 
 
 def _reason(evidence: PreparedImage, verdict: _Verdict) -> Reason:

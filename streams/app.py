@@ -107,9 +107,9 @@ def _short_fetch_wait(max_wait_ms: int) -> None:
 
 def _fetched_highwaters(max_wait_ms: int) -> None:
     """Table recovery reads a changelog up to its end offset, which Faust takes from
-    ListOffsets. Tansu's object/memory storage answers that with the newest *batch's* base
-    offset + 1 (a changelog holding 0..11 in two batches reports 11, not 12), so recovery
-    stopped short and a restart with a RocksDB offset past that end failed with
+    ListOffsets. Tansu 0.6's memory storage answers that with the newest *batch's* base
+    offset + 1 (offsets 0..11 written as one batch are listed as ending at 1, not 12), so
+    recovery stopped short and a restart with a RocksDB offset past that end failed with
     ConsistencyError. A fetch response carries the true high watermark: read one record
     just before the reported end and take the larger value. On a correct broker this is
     one extra fetch per recovery and changes nothing."""

@@ -1,1 +1,1 @@
-"""Synthetic data for tests and the demo: product imagery and its fraudulent edits."""
+"""Synthetic data for tests and the demo: product imagery, fraudulent edits of it, sample traffic."""

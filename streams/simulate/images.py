@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import colorsys
 import io
+import itertools
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,8 +24,8 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 LAYER_SIDE = 768  # the product is drawn on a square canvas of this side
 DAMAGE_KINDS = ("crack", "stain", "scratch", "dent")
-# Image.info key under which listing_photo leaves the product's coverage (bool H x W),
-# so edit_listing can paint on the object; a listing without it is segmented instead.
+# Image.info key under which listing_photo and buyer_photo leave the product's coverage (bool H x W),
+# so edit_listing can paint on the object; a photo without it is segmented instead.
 OBJECT_MASK_KEY = "simulate.object_mask"
 
 _FAMILIES = ("bottle", "mug", "speaker", "bag", "book", "vase")
@@ -84,7 +85,8 @@ def _vivid(rng: np.random.Generator, value: tuple[float, float] = (0.35, 0.9)) -
 
 
 def _pale(rng: np.random.Generator) -> tuple[int, int, int]:
-    r, g, b = colorsys.hsv_to_rgb(float(rng.uniform(0, 1)), float(rng.uniform(0.03, 0.2)), float(rng.uniform(0.85, 0.98)))
+    hue, saturation, value = float(rng.uniform(0, 1)), float(rng.uniform(0.03, 0.2)), float(rng.uniform(0.85, 0.98))
+    r, g, b = colorsys.hsv_to_rgb(hue, saturation, value)
     return int(r * 255), int(g * 255), int(b * 255)
 
 
@@ -166,9 +168,11 @@ def _draw_mug(paint: ImageDraw.ImageDraw, cover: ImageDraw.ImageDraw, rng: np.ra
     else:  # chevron band
         y = top + bh * float(rng.uniform(0.25, 0.45))
         for k in range(3):
-            pts = [(x, y + k * 26 + (14 if (i % 2) else 0)) for i, x in enumerate(np.arange(cx - bw / 2, cx + bw / 2, 24))]
+            xs = np.arange(cx - bw / 2, cx + bw / 2, 24)
+            pts = [(x, y + k * 26 + (14 if (i % 2) else 0)) for i, x in enumerate(xs)]
             paint.line(pts, fill=print_colour, width=6)
-    _text_block(paint, (cx - bw * 0.35, top + bh * 0.62, cx + bw / 2, bottom), [brand, title], _shade_of(print_colour, 0.6), 34)
+    _text_block(paint, (cx - bw * 0.35, top + bh * 0.62, cx + bw / 2, bottom), [brand, title],
+                _shade_of(print_colour, 0.6), 34)
 
 
 def _draw_speaker(paint: ImageDraw.ImageDraw, cover: ImageDraw.ImageDraw, rng: np.random.Generator,
@@ -206,11 +210,12 @@ def _draw_bag(paint: ImageDraw.ImageDraw, cover: ImageDraw.ImageDraw, rng: np.ra
               fill=trim if d is paint else 255, width=18)
         d.polygon(outline, fill=fill)
     for k in range(0, int(w_bot), 9):  # diagonal weave of the leather
-        paint.line((cx - w_bot / 2 + k, bottom, cx - w_bot / 2 + k - h * 0.6, top), fill=_shade_of(leather, 0.93), width=2)
+        x = cx - w_bot / 2 + k
+        paint.line((x, bottom, x - h * 0.6, top), fill=_shade_of(leather, 0.93), width=2)
     flap = [(cx - w_top / 2 + 8, top + 8), (cx + w_top / 2 - 8, top + 8), (cx + w_top * 0.4, top + h * 0.42),
             (cx, top + h * 0.5), (cx - w_top * 0.4, top + h * 0.42)]
     paint.polygon(flap, fill=trim)
-    for a, b in [*zip(flap, flap[1:], strict=False), (flap[-1], flap[0])]:  # stitching: dashes along the flap
+    for a, b in [*itertools.pairwise(flap), (flap[-1], flap[0])]:  # stitching: dashes along the flap
         n = int(math.dist(a, b) // 14)
         for i in range(n):
             t0, t1 = i / n, (i + 0.5) / n
@@ -250,8 +255,10 @@ def _draw_vase(paint: ImageDraw.ImageDraw, cover: ImageDraw.ImageDraw, rng: np.r
     ys = np.linspace(top, bottom, 48)
     t = (ys - top) / (bottom - top)
     bulge, waist = float(rng.uniform(0.45, 0.75)), float(rng.uniform(0.15, 0.35))
-    radius = 70 + 200 * np.exp(-((t - bulge) / 0.28) ** 2) + 40 * np.exp(-((t - waist) / 0.1) ** 2) * float(rng.uniform(-1, 1))
-    outline = [(cx - r, y) for r, y in zip(radius, ys, strict=True)] + [(cx + r, y) for r, y in zip(radius[::-1], ys[::-1], strict=True)]
+    neck = 40 * np.exp(-((t - waist) / 0.1) ** 2) * float(rng.uniform(-1, 1))
+    radius = 70 + 200 * np.exp(-((t - bulge) / 0.28) ** 2) + neck
+    left = [(cx - r, y) for r, y in zip(radius, ys, strict=True)]
+    outline = left + [(cx + r, y) for r, y in zip(radius[::-1], ys[::-1], strict=True)]
     glaze, band = _vivid(rng, (0.4, 0.9)), _vivid(rng, (0.15, 0.6))
     cover.polygon(outline, fill=255)
     paint.polygon(outline, fill=glaze)
@@ -439,13 +446,20 @@ def _warp_window(rgba: np.ndarray, matrix: np.ndarray, out_size: tuple[int, int]
     return window, (x0, y0, x1, y1)
 
 
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """Float image -> uint8, rounded and saturated (OpenCV: several times faster than clip + astype)."""
+    if values.shape[0] * values.shape[1] < 64:  # OpenCV reads a tiny H x W x 3 array as a column of scalars
+        return np.clip(np.round(values), 0, 255).astype(np.uint8)
+    return cv2.convertScaleAbs(cv2.max(values, 0.0))
+
+
 def _paste(photo: np.ndarray, window: np.ndarray, box: Box) -> None:
     """Lay the warped item (float RGBA window) over ``photo`` (uint8 RGB, in place)."""
     x0, y0, x1, y1 = box
     cover = window[..., 3:4]
     region = photo[y0:y1, x0:x1].astype(np.float32)
     region += (window[..., :3] - region) * cover
-    photo[y0:y1, x0:x1] = region.clip(0, 255).astype(np.uint8)
+    photo[y0:y1, x0:x1] = _to_uint8(region)
 
 
 def _smooth_field(rng: np.random.Generator, out_size: tuple[int, int], cells: int = 6) -> np.ndarray:
@@ -620,7 +634,7 @@ def _home_background(rng: np.random.Generator, out_size: tuple[int, int]) -> np.
         pattern = np.where(grout, -0.3, tone) + 0.03 * _smooth_noise(rng, (sh, sw), 1)
     else:
         pattern = 0.1 * _smooth_noise(rng, (sh, sw), 2) + 0.08 * _smooth_noise(rng, (sh, sw), 12)
-    surface = (base * (1 + pattern)[..., None]).clip(0, 255).astype(np.uint8)
+    surface = _to_uint8((base * (1 + pattern)[..., None]).astype(np.float32))
     return cv2.resize(surface, out_size, interpolation=cv2.INTER_LINEAR)
 
 
@@ -652,19 +666,22 @@ def buyer_photo(product: Product, rng: np.random.Generator, damage: str | None =
     """A buyer's phone photo of the real item: another pose, light and surface, uneven light, noise.
 
     ``damage`` ("crack", "stain", "scratch", "dent") is on the item itself, so it is lit and turned with it.
+    The scene does not depend on the damage: the same generator state photographs the same scene.
     """
+    scene_seed, damage_seed = (int(v) for v in rng.integers(0, 2**63 - 1, size=2))
     if damage is None:
         albedo, normals = product.albedo, _surface_normals(product)
     else:
-        albedo, normals = _damaged_surface(product, damage, rng)
+        albedo, normals = _damaged_surface(product, damage, np.random.default_rng(damage_seed))
+    rng = np.random.default_rng(scene_seed)
     out_size = _BUYER_SIZES[int(rng.integers(0, len(_BUYER_SIZES)))]
     w, h = out_size
     background = _home_background(rng, out_size)
     azimuth, elevation = float(rng.uniform(0, 2 * math.pi)), math.radians(float(rng.uniform(25, 65)))
     warm = float(rng.uniform(-0.06, 0.08))
-    light = _Light((math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth), math.sin(elevation)),
-                   float(rng.uniform(0.28, 0.45)), float(rng.uniform(0.6, 0.8)), float(rng.uniform(0.1, 0.35)),
-                   float(rng.uniform(15, 50)), (1 + warm, 1.0, 1 - warm))
+    direction = (math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth), math.sin(elevation))
+    light = _Light(direction, float(rng.uniform(0.28, 0.45)), float(rng.uniform(0.6, 0.8)),
+                   float(rng.uniform(0.1, 0.35)), float(rng.uniform(15, 50)), (1 + warm, 1.0, 1 - warm))
     turn = float(rng.choice([-1, 1]) * rng.uniform(10, 35))
     rgba = _render(albedo, product.alpha, normals, product.round_body, light, turn)
     long_side = min(w, h) * float(rng.uniform(0.45, 0.78))
@@ -698,8 +715,12 @@ def buyer_photo(product: Product, rng: np.random.Generator, damage: str | None =
     photo = background.astype(np.float32)
     photo *= gain[..., None]
     photo += _sensor_noise(rng, (h, w), float(rng.uniform(2.0, 5.0)))[..., None]
-    photo = photo.clip(0, 255).astype(np.uint8)
-    return Image.fromarray(cv2.GaussianBlur(photo, (0, 0), float(rng.uniform(0.5, 1.1))), "RGB")
+    photo = _to_uint8(photo)
+    img = Image.fromarray(cv2.GaussianBlur(photo, (0, 0), float(rng.uniform(0.5, 1.1))), "RGB")
+    coverage = np.zeros((h, w), bool)
+    coverage[y0:y1, x0:x1] = window[..., 3] > 0.5
+    img.info[OBJECT_MASK_KEY] = coverage  # so a shipment photo can be "edited" too
+    return img
 
 
 _NOISE_SIDE = 1600 + 256
@@ -842,7 +863,7 @@ def postprocess(img: Image.Image, box: Box, rng: np.random.Generator, *, resize:
         for g in gains:  # one 256-entry table per channel: Image.point applies it in one pass
             lut.extend(int(v) for v in (curve * g * 255).clip(0, 255).round())
         img = img.convert("RGB").point(lut)
-    return img, (int(math.floor(x0)), int(math.floor(y0)), int(math.ceil(x1)), int(math.ceil(y1)))
+    return img, (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1))
 
 
 # ---------------------------------------------------------------- files
