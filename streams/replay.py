@@ -104,6 +104,8 @@ class Replayer:
         self._watch([settings.topics.decisions, f"{settings.app_id}-outcomes-applied"])
         self.result = ReplayResult()
         self._applied: set[str] = set()
+        self._shown: tuple[int, int] | None = None
+        self._total = 0
 
     def _watch(self, topics: list[str]) -> None:
         parts: list[TopicPartition] = []
@@ -140,12 +142,12 @@ class Replayer:
                 else:
                     self._applied.add(record.key.decode())
 
-    def _wait(self, pending: set[str], what: str, done: int, total: int) -> None:
+    def _wait(self, pending: set[str], what: str) -> None:
         deadline = time.monotonic() + self.timeout_s
         while True:
             self._drain()
             pending -= self.result.decisions.keys() if what == "decisions" else self._applied
-            self._show(total - len(pending) if what == "outcomes" else len(self.result.decisions), total)
+            self._show(len(self.result.decisions), self._total)
             if not pending:
                 return
             if time.monotonic() > deadline:
@@ -153,11 +155,19 @@ class Replayer:
                 return
 
     def _show(self, done: int, total: int) -> None:
+        """A progress bar on a terminal; in a log (not a TTY), a line at each tenth of the way."""
         if self.progress is None or total == 0:
             return
-        width = 30
-        filled = int(width * done / total)
-        self.progress.write(f"\r  decisions [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        tty = self.progress.isatty()
+        shown = (done, total) if tty else (10 * done // total, total)
+        if shown == self._shown:
+            return
+        self._shown = shown
+        if tty:
+            filled = int(30 * done / total)
+            self.progress.write(f"\r  decisions [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}")
+        else:
+            self.progress.write(f"  decisions {done}/{total}\n")
         self.progress.flush()
 
     def _send(self, event: Event) -> None:
@@ -170,7 +180,7 @@ class Replayer:
 
     def run(self, events: list[Event]) -> ReplayResult:
         started = time.monotonic()
-        total = sum(1 for e in events if e.is_request)
+        self._total = sum(1 for e in events if e.is_request)
         sent: set[str] = set()
         window_start: datetime | None = None
         for event in events:
@@ -179,19 +189,19 @@ class Replayer:
                               or event.at - window_start >= self.window)
                 if new_window:
                     self.producer.flush()
-                    self._wait(set(sent), "decisions", len(self.result.decisions), total)
+                    self._wait(set(sent), "decisions")
                     window_start = event.at
                 self._send(event)
                 sent.add(event.key)
             else:
                 self.producer.flush()
-                self._wait(set(sent), "decisions", len(self.result.decisions), total)
+                self._wait(set(sent), "decisions")
                 self._send(event)
                 self.producer.flush()
-                self._wait({event.key}, "outcomes", 0, 1)
+                self._wait({event.key}, "outcomes")
         self.producer.flush()
-        self._wait(set(sent), "decisions", len(self.result.decisions), total)
-        if self.progress is not None:
+        self._wait(set(sent), "decisions")
+        if self.progress is not None and self.progress.isatty():
             self.progress.write("\n")
         self.result.sent_requests = len(sent)
         self.result.missing = sorted(set(self.result.missing) - self.result.decisions.keys())
