@@ -558,6 +558,7 @@ def build_passthrough() -> Any:
         topic_partitions=t.partitions, topic_allow_declare=True, topic_disable_leader=True,
         web_enabled=True, web_port=settings.web_port, web_bind=settings.web_host, web_host=settings.web_host,
         producer_max_request_size=4 * 1024 * 1024, consumer_max_fetch_size=8 * 1024 * 1024,
+        producer_linger=settings.producer_linger_ms / 1000,
         broker_commit_every=200, broker_commit_interval=1.0,
         stream_buffer_maxsize=max(64, settings.scoring.batch_size * 4),
         broker_rebalance_timeout=settings.rebalance_timeout_s,

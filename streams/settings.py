@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     rebalance_timeout_s: float = Field(5.0, gt=0, le=300, description="how long a group join waits for members")
     group_instance_id: str | None = Field(None, description="static group membership (e.g. the pod name)")
     consumer_fetch_max_wait_ms: int = Field(100, ge=0, le=5000, description="longest a fetch waits for data")
+    producer_linger_ms: int = Field(5, ge=0, le=1000,
+                                    description="how long a send waits to share a produce request with others")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
