@@ -22,7 +22,9 @@ from streams.simulate import images as sim
 
 
 def prepared(img, image_id: str, role: str = "evidence", fmt: str = "JPEG", quality: int = 88) -> PreparedImage:
-    return prepare_image(sim.encode(img, fmt, quality), image_id=image_id, role=role, cache_key=image_id)
+    # At the size the pool decodes to for this scorer (its pixels_side), as in the service.
+    return prepare_image(sim.encode(img, fmt, quality), image_id=image_id, role=role, cache_key=image_id,
+                         working_side=ReferenceMatchScorer.pixels_side)
 
 
 def main() -> None:

@@ -142,6 +142,10 @@ class Scorer(Protocol):
     ``kind`` decides where it runs: image scorers in the process pool next to
     the decoded pixels, behaviour scorers inline on the event loop (they are
     cheap arithmetic on looked-up features).
+
+    An image scorer may also say how many pixels it looks at: ``pixels_side``, the longest
+    side it works at (0 if it reads only the file's bytes). The pool then decodes no larger
+    than the largest of these; without it, images are decoded at the full working size.
     """
 
     name: str

@@ -78,6 +78,7 @@ class CaptureFacts:
 class CaptureScorer:
     name = "image.capture"
     kind = "image"
+    pixels_side = 4 * THUMB_SIDE  # the main picture is only compared with the EXIF thumbnail
 
     def __init__(self) -> None:
         self._cache: OrderedDict[str, CaptureFacts] = OrderedDict()

@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from scorers.base import PreparedImage, Reason, ScoreResult, ScoringInput, clamp01
+from scorers.prepare import shrink
 
 # Working geometry: everything is compared at this longer side (speed; resampling noise averages out).
 WORK_SIDE = 512
@@ -155,6 +156,7 @@ class ReferenceMatchScorer:
 
     name = "image.reference"
     kind = "image"
+    pixels_side = WORK_SIDE  # everything is compared at this size: the pool need decode no larger
 
     def __init__(self, cache_size: int = CACHE_SIZE) -> None:
         self._cache: _LRU[_ReferenceFeatures] = _LRU(cache_size)
@@ -715,24 +717,9 @@ def _working_size(shape: tuple[int, ...]) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _shrink(pixels: np.ndarray, side: int) -> np.ndarray:
-    """Scale down so the longer side is at most ``side``: area averaging for whole factors (fast),
-    otherwise an anti-aliasing blur and bilinear sampling (several times faster than area
-    averaging at fractional factors)."""
-    height, width = pixels.shape[:2]
-    scale = side / max(height, width)
-    if scale >= 1:
-        return np.ascontiguousarray(pixels)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    factor = 1 / scale
-    if abs(factor - round(factor)) < 1e-9 and width % round(factor) == 0 and height % round(factor) == 0:
-        return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
-    blurred = cv2.GaussianBlur(pixels, (0, 0), 0.5 * math.sqrt(factor**2 - 1))
-    return cv2.resize(blurred, size, interpolation=cv2.INTER_LINEAR)
-
-
 def _working_colour(pixels: np.ndarray) -> np.ndarray:
-    return _shrink(pixels, WORK_SIDE)
+    # The pool already decodes at WORK_SIDE (pixels_side): then this is the same array, no copy.
+    return shrink(pixels, WORK_SIDE)
 
 
 def _cache_key(ref: PreparedImage) -> str:

@@ -113,6 +113,7 @@ class ProvenanceScorer:
 
     name = "image.provenance"
     kind = "image"
+    pixels_side = 0  # reads the file's metadata, never its pixels
 
     def __init__(self) -> None:
         self._cache: OrderedDict[str, tuple[Finding, ...]] = OrderedDict()

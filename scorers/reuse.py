@@ -49,6 +49,9 @@ from scorers.base import EvidenceMatch, Reason, ScoreResult, ScorerKind, Scoring
 HASH_BITS = 64
 HASH_VERSION = "p1"  # in every band key: a changed algorithm must not match hashes made by the old one
 _GRID = 64  # side of the grey grid the DCT is taken of
+# The pool decodes evidence no smaller than this, whichever scorers are on: the 64 x 64 grid is then
+# always an average over 4 x 4 or more pixels, and the hash does not move with the decode size.
+FINGERPRINT_SIDE = 4 * _GRID
 
 # The largest hamming distance that still counts as the same photo. Resized and
 # re-encoded copies measured 0-2; the closest distinct photos 8. 4 sits between

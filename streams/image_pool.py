@@ -27,6 +27,7 @@ from scorers.base import PreparedImage, Reason, RequestFacts, Scorer, ScoreResul
 from scorers.policy import ScorerFailure
 from scorers.prepare import ImageProblem, prepare_image
 from scorers.registry import Unavailable, load_scorers
+from scorers.reuse import FINGERPRINT_SIDE
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,31 @@ def _image_scorers() -> list[Scorer | Unavailable]:
     return _child_scorers
 
 
-# Listing photos repeat across requests: keep the decoded ones (about 2-3 MB each) per child.
-_REFERENCE_CACHE_ENTRIES = 16
+# Listing photos repeat across requests: keep the decoded ones per child. At 512 px (about 0.8 MB
+# each, shared with image.reference's own cache of working pixels, which holds as many) this is
+# less memory than 16 at 768 px was.
+_REFERENCE_CACHE_ENTRIES = 32
 _prepared_references: OrderedDict[tuple[str, int], PreparedImage] = OrderedDict()
 
 
-def _prepare(raw: RawImage, job: ImageJob) -> PreparedImage:
-    key = (raw.cache_key, job.working_side)
+def _decode_side(working_side: int) -> int:
+    """The longest side to decode to: ``working_side``, or less when no image scorer (nor the reuse
+    fingerprint) looks at pixels that large. image.reference compares at 512 px; decoding at 768 or
+    1024 only to scale down again was about half of the pool's CPU. A scorer that does not say what
+    it needs (``pixels_side``) gets the full working side."""
+    needs = [FINGERPRINT_SIDE]
+    for scorer in _image_scorers():
+        if isinstance(scorer, Unavailable):
+            continue
+        side = getattr(scorer, "pixels_side", None)
+        if not isinstance(side, int):
+            return working_side
+        needs.append(side)
+    return min(working_side, max(needs))
+
+
+def _prepare(raw: RawImage, job: ImageJob, side: int) -> PreparedImage:
+    key = (raw.cache_key, side)
     cacheable = raw.role != "evidence" and bool(raw.cache_key)
     if cacheable and key in _prepared_references:
         _prepared_references.move_to_end(key)
@@ -101,7 +120,7 @@ def _prepare(raw: RawImage, job: ImageJob) -> PreparedImage:
         return replace(cached, image_id=raw.image_id, role=raw.role)  # type: ignore[arg-type]
     prepared = prepare_image(
         raw.data, image_id=raw.image_id, role=raw.role,  # type: ignore[arg-type]
-        working_side=job.working_side, max_pixels=job.max_pixels, cache_key=raw.cache_key,
+        working_side=side, max_pixels=job.max_pixels, cache_key=raw.cache_key,
     )
     if cacheable:
         _prepared_references[key] = prepared
@@ -134,10 +153,11 @@ def run_image_job(job: ImageJob) -> ImageJobResult:
     deadline = time.monotonic() + job.budget_s
     evidence: list[PreparedImage] = []
     references: list[PreparedImage] = []
+    side = _decode_side(job.working_side)  # loads the scorers on a child's first job: not prepare's CPU
     started = time.process_time()
     for raw in job.images:
         try:
-            prepared = _prepare(raw, job)
+            prepared = _prepare(raw, job, side)
         except ImageProblem as problem:
             code = problem.code if raw.role == "evidence" else "REFERENCE_" + problem.code
             out.problems.append(Reason(code, str(problem), 1.0, {"image_id": raw.image_id, "role": raw.role}))

@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
-from scorers.prepare import ImageProblem, prepare_image
+from scorers.prepare import ImageProblem, prepare_image, shrink
 
 IMAGE_ID = "EV-hostile-42"
 STATUS = Path("/proc/self/status")
@@ -336,3 +337,91 @@ def test_exif_orientation_6_rotates_the_pixels(width: int, height: int) -> None:
     top_left = prepared.pixels[corner, corner].astype(int)
     assert top_right[0] > 200 and top_right[2] < 60, "the stored top-left corner must end top-right"
     assert top_left[2] > 200 and top_left[0] < 60
+
+
+# ------------------------------------------------------------------ decoding at the size scorers use
+
+
+def smooth_photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Photo-like content (blobs and edges, no pixel noise): what a downscale must keep."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 40 + 1, width // 40 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+
+
+def pillow_pixels(raw: bytes, side: int) -> np.ndarray:
+    """What prepare_image made of a file with Pillow alone: draft, turn upright, RGB, shrink."""
+    img = Image.open(io.BytesIO(raw))
+    scale = min(1.0, side / max(img.size))
+    img.draft("RGB", (round(img.width * scale), round(img.height * scale)))
+    return shrink(np.asarray(ImageOps.exif_transpose(img).convert("RGB")), side)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_opencv_decoding_gives_pillows_pixels_in_every_orientation(fmt: str, orientation: int) -> None:
+    # Complete RGB JPEG and still RGB WebP are decoded by OpenCV (half the CPU): the pixels must not change.
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    raw = encode(smooth_photo(1000, 700), fmt, quality=90, exif=exif.tobytes())
+    prepared = prepare_image(raw, image_id=IMAGE_ID, role="evidence", working_side=300)
+    expected = pillow_pixels(raw, 300)
+    assert prepared.exif_orientation == orientation
+    assert prepared.pixels.shape == expected.shape
+    assert int(np.abs(prepared.pixels.astype(int) - expected).max()) <= 1  # shrunk before turning: rounding
+
+
+def test_jpeg_with_data_after_its_end_marker_is_still_read() -> None:
+    raw = encode(smooth_photo(640, 480), "JPEG", quality=90) + b"vendor trailer" * 10
+    prepared = prepare_image(raw, image_id=IMAGE_ID, role="evidence", working_side=320)
+    np.testing.assert_array_equal(prepared.pixels, pillow_pixels(raw, 320))
+
+
+def test_webp_with_alpha_still_goes_onto_white() -> None:
+    rgba = Image.new("RGBA", (64, 32), (0, 0, 255, 255))
+    rgba.paste((255, 0, 0, 0), (32, 0, 64, 32))
+    prepared = prepare_image(encode(rgba, "WEBP", lossless=True), image_id=IMAGE_ID, role="evidence")
+    assert (prepared.pixels[:, :30] == (0, 0, 255)).all()
+    assert (prepared.pixels[:, 34:] == (255, 255, 255)).all()
+
+
+@pytest.mark.parametrize(("width", "height"), [(1200, 900), (1600, 1200), (900, 1200), (4000, 3000)])
+def test_jpeg_decoded_small_matches_a_full_decode_scaled_down(width: int, height: int) -> None:
+    # Draft mode decodes at 1/2..1/8 from the DCT: the result must be the same picture as a full decode.
+    raw = encode(smooth_photo(width, height), "JPEG", quality=92)
+    prepared = prepare_image(raw, image_id=IMAGE_ID, role="evidence", working_side=512)
+    scale = 512 / max(width, height)
+    assert prepared.pixels.shape == (round(height * scale), round(width * scale), 3)
+    assert (prepared.width, prepared.height) == (width, height)
+    full = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    reference = cv2.resize(full, prepared.pixels.shape[1::-1], interpolation=cv2.INTER_AREA)
+    difference = np.abs(prepared.pixels.astype(int) - reference)
+    assert difference.mean() < 1.5 and np.percentile(difference, 99) < 8
+
+
+def test_pool_decodes_at_the_largest_size_a_scorer_looks_at(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scorers.capture import CaptureScorer
+    from scorers.image_reference import WORK_SIDE, ReferenceMatchScorer
+    from scorers.provenance import ProvenanceScorer
+    from scorers.reuse import FINGERPRINT_SIDE
+    from streams import image_pool
+
+    scorers = [ReferenceMatchScorer(), ProvenanceScorer(), CaptureScorer()]
+    monkeypatch.setattr(image_pool, "_image_scorers", lambda: scorers)
+    assert image_pool._decode_side(768) == WORK_SIDE
+    assert image_pool._decode_side(300) == 300  # the setting stays the upper bound
+    monkeypatch.setattr(image_pool, "_image_scorers", lambda: scorers[1:])
+    assert image_pool._decode_side(768) == max(CaptureScorer.pixels_side, FINGERPRINT_SIDE)
+
+    class Undeclared:
+        name, kind = "image.undeclared", "image"
+
+    monkeypatch.setattr(image_pool, "_image_scorers", lambda: [*scorers, Undeclared()])
+    assert image_pool._decode_side(768) == 768  # a scorer that does not say gets the full working size
+
+
+@pytest.mark.parametrize("options", [{"progressive": True}, {"subsampling": 0}, {"subsampling": 1}])
+def test_opencv_decoding_gives_pillows_pixels_for_other_jpeg_codings(options: dict[str, object]) -> None:
+    raw = encode(smooth_photo(1100, 800), "JPEG", quality=85, **options)
+    prepared = prepare_image(raw, image_id=IMAGE_ID, role="evidence", working_side=512)
+    np.testing.assert_array_equal(prepared.pixels, pillow_pixels(raw, 512))
