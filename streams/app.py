@@ -35,6 +35,7 @@ import streams
 from scorers.base import Reason
 from scorers.policy import Policy, ScorerFailure, decide, load_policy
 from scorers.reuse import MATCH_DISTANCE, band_keys, hamming
+from streams import kafka_compat
 from streams import state as st
 from streams.contract import (
     ContractError,
@@ -153,10 +154,8 @@ def _fetched_highwaters(max_wait_ms: int) -> None:
 def build(settings: Settings, *, start_pool: bool = True) -> RefundGuard:
     _short_fetch_wait(settings.consumer_fetch_max_wait_ms)
     _fetched_highwaters(settings.consumer_fetch_max_wait_ms)
-    from streams import kafka_compat  # a broker that comes back empty: see the module
-
-    kafka_compat.install(settings.app_id, settings.bootstrap, lambda: topic_names(settings),
-                         settings.topics.partitions)
+    # A broker that comes back empty: see the module.
+    kafka_compat.install(settings.app_id, settings.bootstrap, lambda: topic_names(settings), settings.topics.partitions)
     policy = load_policy(settings.policy_file)
     shadow_policy = load_policy(settings.shadow_policy_file) if settings.shadow_policy_file else None
     metrics = Metrics()
@@ -347,7 +346,9 @@ def _is_ready(app: faust.App) -> bool:
         assigned = bool(app.consumer.assignment())
     except Exception:
         return False
-    return assigned and not app.rebalancing and not getattr(app, "in_recovery", False)
+    ready = assigned and not app.rebalancing and not getattr(app, "in_recovery", False)
+    # A worker keeps its assignment while the broker is gone; it is not serving then.
+    return ready and kafka_compat.broker_reachable(app)
 
 
 async def _observe_lag(app: faust.App, metrics: Metrics, topics: frozenset[str]) -> None:

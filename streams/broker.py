@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -107,8 +107,9 @@ class EmbeddedBroker:
         self.stop()
 
 
-def create_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None:
-    """Create topics that do not exist yet (idempotent)."""
+def create_topics(bootstrap: str, names: Iterable[str], partitions: int,
+                  config: Mapping[str, str] | None = None) -> None:
+    """Create topics that do not exist yet (idempotent), with ``config`` (e.g. cleanup.policy)."""
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -119,7 +120,7 @@ def create_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None
         raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
     try:
         existing = set(admin.list_topics())
-        wanted = [NewTopic(n, partitions, 1) for n in names if n not in existing]
+        wanted = [NewTopic(n, partitions, 1, topic_configs=dict(config or {})) for n in names if n not in existing]
         if wanted:
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(wanted)
