@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -20,6 +21,11 @@ ImageRole = Literal["evidence", "listing", "shipment"]
 ScorerKind = Literal["image", "behaviour"]
 
 _CODE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+# A reason's evidence key: the evidence image it names (``image_id``) is a copy, edited or
+# not, of one of the request's reference photos. That image is the merchant's photo, not the
+# buyer's: it is neither indexed nor looked up as evidence for reuse.
+COPY_OF_REFERENCE = "copy_of_reference"
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,16 @@ class Scorer(Protocol):
     kind: ScorerKind
 
     def score(self, data: ScoringInput) -> ScoreResult: ...
+
+
+def reference_copies(results: Mapping[str, object]) -> frozenset[str]:
+    """The evidence image ids that some scorer's reasons mark as copies of a reference photo."""
+    return frozenset(
+        str(reason.evidence["image_id"])
+        for result in results.values() if isinstance(result, ScoreResult)
+        for reason in result.reasons
+        if reason.evidence.get(COPY_OF_REFERENCE) and "image_id" in reason.evidence
+    )
 
 
 def _check_unit(value: float, what: str) -> None:

@@ -36,7 +36,7 @@ from typing import Generic, TypeVar
 import cv2
 import numpy as np
 
-from scorers.base import PreparedImage, Reason, ScoreResult, ScoringInput, clamp01
+from scorers.base import COPY_OF_REFERENCE, PreparedImage, Reason, ScoreResult, ScoringInput, clamp01
 from scorers.prepare import shrink
 
 # Working geometry: everything is compared at this longer side (speed; resampling noise averages out).
@@ -752,6 +752,7 @@ def _reason(evidence: PreparedImage, verdict: _Verdict) -> Reason:
         "match_ratio": round(alignment.match_ratio, 3),
         "agreement": round(verdict.agreement, 3),
         "mirrored": int(alignment.mirrored),
+        COPY_OF_REFERENCE: 1,
     }
     # How sure the copy is: agreement beyond the bar, inliers beyond the minimum, a spread of matches.
     certainty = min(

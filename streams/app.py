@@ -32,7 +32,7 @@ from faust.types import EventT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import streams
-from scorers.base import Reason
+from scorers.base import Reason, reference_copies
 from scorers.policy import Policy, ScorerFailure, decide, load_policy
 from scorers.reuse import MATCH_DISTANCE, band_keys, hamming
 from streams import kafka_compat
@@ -456,8 +456,12 @@ class DecideStep:
         buyer_key = request.buyer_id.encode()
         fingerprints = request.buyer.fingerprints()
         links = st.links_for(fingerprints, request.requested_at, lambda k: self.taints.get(k.encode()))
+        # The merchant's own photo (edited or not) is not the buyer's evidence: another claim
+        # built on the same listing photo is not a reuse of this one.
+        copies = reference_copies(phase.results)
+        evidence_hashes = {k: h for k, h in phase.evidence_hashes.items() if k not in copies}
         matches = st.evidence_matches(
-            phase.evidence_hashes, refund_id=request.refund_id, requested_at=request.requested_at,
+            evidence_hashes, refund_id=request.refund_id, requested_at=request.requested_at,
             band_keys=band_keys, distance=hamming, max_distance=MATCH_DISTANCE,
             lookup=lambda k: self.evidence_index.get(k.encode()),
         )
@@ -484,7 +488,7 @@ class DecideStep:
             requested_at=request.requested_at, merchant_id=request.merchant_id, amount=request.amount.amount,
             currency=request.amount.currency, kind=request.kind, fingerprints=fingerprints,
         )
-        for image_id, h in phase.evidence_hashes.items():
+        for image_id, h in evidence_hashes.items():
             entry = st.index_entry(evidence_hash=h, refund_id=request.refund_id, buyer_id=request.buyer_id,
                                    order_id=request.order_id, image_id=image_id, requested_at=request.requested_at)
             for band in band_keys(h):

@@ -148,6 +148,33 @@ async def test_a_photo_reused_by_another_buyer_is_held_naming_the_first_claim(st
     assert got["RF-2"]["reasons"][0]["evidence"]["first_refund_id"] == "RF-1"
 
 
+async def test_edits_of_one_listing_photo_by_two_buyers_are_not_reuse(step: DecideStep,
+                                                                      example_request: dict) -> None:
+    """Both claims are the merchant's photo with damage painted in: each is held as edited from
+    the listing, and the second is not called a reuse of the first (the listing photo is not
+    either buyer's evidence, so it is neither indexed nor looked up)."""
+    rng = np.random.default_rng(5)
+    product = sim.make_product(rng, 1)
+    listing = sim.listing_photo(product, rng)
+    listing_ref = [{"image_id": "LS-1", "source": "listing",
+                    "data": base64.b64encode(sim.encode(listing, "JPEG", 92)).decode()}]
+    claims = []
+    for n, (buyer, damage) in enumerate([("BY-P", "crack"), ("BY-Q", "stain")], start=1):
+        edited, _ = sim.edit_listing(listing, product, rng, damage)
+        data = base64.b64encode(sim.encode(edited, "JPEG", 88)).decode()
+        r = request(example_request, n, buyer=buyer, at=T0 + timedelta(days=n),
+                    evidence=[{"image_id": f"EV-{n}", "data": data}])
+        r["reference_images"] = listing_ref
+        claims.append(r)
+    await feed(step, req(claims[0]))
+    await feed(step, req(claims[1]))
+    got = decisions(step)
+    for rid in ("RF-1", "RF-2"):
+        assert got[rid]["decision"] == "hold" and codes(got[rid])[0] == "EVIDENCE_EDITED_FROM_LISTING", codes(got[rid])
+        assert "EVIDENCE_REUSED" not in codes(got[rid])
+    assert step.evidence_index == {}
+
+
 async def test_shadow_policy_decides_the_same_scores_separately(step: DecideStep, example_request: dict) -> None:
     await feed(step, req(request(example_request, 1, buyer="BY-X", at=T0)))
     live = decisions(step)["RF-1"]
