@@ -231,11 +231,17 @@ def _image_bytes(root: Path, ref: dict[str, Any]) -> bytes | None:
     return path.read_bytes()
 
 
-def image_jobs(traffic: Traffic, working_side: int = 1024, max_pixels: int = 40_000_000,
+def image_jobs(traffic: Traffic, working_side: int | None = None, max_pixels: int = 40_000_000,
                budget_s: float = 16.0) -> Iterator[tuple[Any, float]]:
     """An ImageJob per request, built as the worker builds it (missing files are left out, as a
-    failed fetch is), with the megapixels of its largest evidence image."""
+    failed fetch is), with the megapixels of its largest evidence image. The working side is
+    the worker's default unless given."""
     from PIL import Image
+
+    from streams.settings import ScoringSettings
+
+    if working_side is None:
+        working_side = ScoringSettings().working_side
 
     from streams.contract import parse_request
     from streams.image_pool import ImageJob, RawImage

@@ -47,7 +47,8 @@ class ScoringSettings(BaseSettings):
     image_timeout_s: float = Field(20.0, gt=0, description="budget for all image scorers of one request")
     behaviour_timeout_s: float = Field(1.0, gt=0)
     disabled: frozenset[str] = Field(frozenset(), description="scorer names to switch off")
-    working_side: int = Field(768, ge=256, le=4096, description="longest side images are decoded to")
+    working_side: int = Field(768, ge=256, le=4096,
+                              description="longest side images are decoded to at most (less if no scorer needs it)")
     batch_size: int = Field(16, ge=1, le=1000)
     batch_within_s: float = Field(0.05, gt=0)
 
