@@ -256,9 +256,16 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def serve_directory(directory: Path, host: str, port: int) -> http.server.ThreadingHTTPServer:
+class ImageServer(http.server.ThreadingHTTPServer):
+    # socketserver's listen backlog is 5: a worker fetching a batch's images at once (dozens of
+    # connections) overflowed it, and each dropped SYN cost a 1 s TCP retransmission.
+    request_queue_size = 256
+
+
+def serve_directory(directory: Path, host: str, port: int) -> ImageServer:
+    """Serve ``directory`` over HTTP from a daemon thread (sample images for demos, tests, bench)."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer((host, port), handler)
+    server = ImageServer((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="image-server", daemon=True).start()
     return server
