@@ -22,6 +22,7 @@ What the worker does instead, all in this module:
 * table recovery that finds a persisted offset past a changelog's end keeps the local
   state, reads the new changelog from its start, and re-publishes the partition's local
   state into it, so a later restart with an empty data dir recovers everything again.
+  The in-memory global tables (taints, evidence index) are re-published with it.
 """
 
 from __future__ import annotations
@@ -196,6 +197,7 @@ def _recover_from_lost_changelogs() -> None:
         if not ahead:
             return
         ends = await consumer.highwaters(*ahead)  # true ends (see streams.app._fetched_highwaters)
+        lost = False
         for tp, offset in ahead.items():
             end = ends.get(tp)
             if end is None or offset < end:
@@ -208,11 +210,18 @@ def _recover_from_lost_changelogs() -> None:
                 # Not past the end any more: the next recovery reads the new changelog whole.
                 table.data.set_persisted_offset(tp, -1)
             destination[tp] = -1
+            lost = True
             log.warning("changelog %s[%d] ends at %d but this worker's %s state is at offset %d: the broker lost "
                         "it; keeping the local state, re-published %d keys", tp.topic, tp.partition, end, title,
                         offset, republished,
                         extra={"event": "changelog_lost", "topic": tp.topic, "partition": tp.partition,
                                "republished": republished})
+
+        if lost and title == "active":
+            # The broker lost the global tables' changelogs too; every worker holds all of
+            # them in memory and writes them back here, in the same rebalance (before any
+            # worker processes again), so no newer write can be overwritten by an older one.
+            await _republish_global_tables(self.app)
 
     build_offsets._refundguard = True  # type: ignore[attr-defined]
     recovery.Recovery._build_offsets = build_offsets  # type: ignore[method-assign]
@@ -239,6 +248,21 @@ async def _republish(app: Any, table: Any, tp: Any) -> int:
     await producer.flush()
     log.info("re-published %d keys to %s[%d] in %.2f s", count, tp.topic, tp.partition, time.monotonic() - started)
     return count
+
+
+async def _republish_global_tables(app: Any) -> None:
+    """Write every key of the in-memory global tables (taints, evidence index) back to their
+    changelogs, so a worker that starts later with no state still learns them."""
+    from faust.tables.globaltable import GlobalTable
+
+    for table in app.tables.values():
+        data = getattr(table.data, "data", None)  # the memory store's dict
+        if not isinstance(table, GlobalTable) or not isinstance(data, dict):
+            continue
+        for key, value in list(data.items()):
+            table.send_changelog(None, key, value)
+        log.info("re-published %d keys of global table %s", len(data), table.name)
+    await app.producer.flush()
 
 
 def broker_reachable(app: Any) -> bool:

@@ -5,8 +5,8 @@ changelogs, committed offsets. The platform re-creates its topics and re-sends t
 it saw no decision for, as a real one would. The worker must carry on without a restart:
 same process, ready again, every refund sent afterwards decided (a refund decided twice
 with identical content), its local RocksDB state kept (a buyer's 4th claim in 10 days is
-held) and written back to the new changelog (a fresh worker with an empty data dir knows
-claims made before the outage).
+held) and written back to the new changelogs (a fresh worker with an empty data dir knows
+claims made, and frauds confirmed, before the outage).
 
 Checked it fails without the protection (streams/kafka_compat.py), one patch disabled at a time:
 - without ``_recover_from_lost_changelogs`` the rejoin fails with Faust's ConsistencyError (the
@@ -17,6 +17,9 @@ Checked it fails without the protection (streams/kafka_compat.py), one patch dis
   the outage is decided;
 - without ``_republish`` (re-publishing the local state) the fresh worker approves the quiet
   buyers' 4th claims: the new changelog only had what was written after the outage;
+- without ``_republish_global_tables`` the fresh worker approves a new account on the device a
+  confirmed fraud tainted before the outage (the taints table lives in memory and its
+  changelog was lost with the broker);
 - with both ``_no_commits_without_membership`` and ``_no_committed_offsets_past_the_end`` off,
   one of two runs stalled (offsets of the old log committed into the empty broker, so the
   rejoined group skipped the new records); with either one off alone, runs passed: they
@@ -47,7 +50,12 @@ PARTITIONS = 4  # as the worker fixture configures
 # 4th claim in 10 days is held, but only by a worker that still knows the first three.
 ACTIVE = range(0, 200)  # their claims are in flight when the broker stops
 QUIET = range(200, 300)  # theirs were all decided before; they claim again only at the end
+FRAUD_DEVICE = "d-bo-fraud"
 STOP_AFTER = 100  # active buyers' decisions seen before the broker stops: the rest (~500) in flight
+
+
+def linked_hold(decision: dict[str, Any]) -> bool:
+    return decision["decision"] == "hold" and "LINKED_TO_CONFIRMED_FRAUD" in [r["code"] for r in decision["reasons"]]
 
 
 def velocity_hold(decision: dict[str, Any]) -> bool:
@@ -90,9 +98,20 @@ def test_broker_restarts_empty(broker: EmbeddedBroker, worker_factory: Callable[
     # The quiet buyers claim three times, all decided well before the outage; nothing of
     # theirs is written after it, so only re-publishing brings them into the new changelog.
     quiet_before = claims(QUIET, (10, 11, 12))
+    quiet_before["RF-BO-F1"] = claim(example_request, "RF-BO-F1", "BY-BO-FRAUD", 10, FRAUD_DEVICE)
     send(kafka, quiet_before)
     wait_for(set(quiet_before), 30)
     assert set(quiet_before) <= set(seen), "the quiet buyers' claims were not decided"
+    # A confirmed fraud taints its device (a global table); a new account on it is held.
+    kafka.send("refund.outcomes", "RF-BO-F1", {
+        "schema": "refund-outcome/v1", "refund_id": "RF-BO-F1", "buyer_id": "BY-BO-FRAUD", "merchant_id": "MC-901",
+        "verdict": "fraud", "decided_at": "2026-11-10T12:00:00Z", "source": "review"})
+    applied = kafka_factory(["refundguard-outcomes-applied"])
+    applied.collect("refundguard-outcomes-applied", lambda rs: any(r.key == b"RF-BO-F1" for r in rs), 30)
+    twin = {"RF-BO-T1": claim(example_request, "RF-BO-T1", "BY-BO-TWIN1", 11, FRAUD_DEVICE)}
+    send(kafka, twin)
+    wait_for(set(twin), 30)
+    assert linked_hold(json.loads(seen["RF-BO-T1"][0])), "the taint was not in place before the outage"
     # The active buyers' claims all at once, so that a backlog is in flight when the broker
     # stops (the worker decides about a thousand a second here).
     active_before = claims(ACTIVE, (10, 11, 12))
@@ -143,8 +162,11 @@ def test_broker_restarts_empty(broker: EmbeddedBroker, worker_factory: Callable[
     kill_hard(worker)
     worker_factory("fresh", **WORKER_ENV)
     quiet = claims(QUIET, (13,))
+    quiet["RF-BO-T2"] = claim(example_request, "RF-BO-T2", "BY-BO-TWIN2", 13, FRAUD_DEVICE)
     send(kafka, quiet)
     wait_for(set(quiet), 45)
+    assert linked_hold(json.loads(seen["RF-BO-T2"][0])), "the fresh worker lost the taint from before the outage"
+    del quiet["RF-BO-T2"]
     assert set(quiet) <= set(seen), f"the fresh worker decided {len(set(quiet) & set(seen))}/{len(quiet)}"
     approved = sorted(rid for rid in quiet if not velocity_hold(json.loads(seen[rid][0])))
     assert not approved, f"the fresh worker lost pre-outage claims: {approved[:5]}"
