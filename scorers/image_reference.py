@@ -710,13 +710,6 @@ def _file_scale(evidence: PreparedImage, size: tuple[int, int]) -> tuple[float, 
 # ---------------------------------------------------------------- helpers
 
 
-def _working_size(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(width, height) of an image of ``shape`` at the working scale."""
-    height, width = shape[:2]
-    scale = min(1.0, WORK_SIDE / max(height, width))
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
 def _working_colour(pixels: np.ndarray) -> np.ndarray:
     # The pool already decodes at WORK_SIDE (pixels_side): then this is the same array, no copy.
     return shrink(pixels, WORK_SIDE)

@@ -86,76 +86,10 @@ class RefundGuard:
     decider: DecideStep
 
 
-def _short_fetch_wait(max_wait_ms: int) -> None:
-    """Faust hard-codes fetch_max_wait_ms=1500 for its consumer. Brokers that answer a
-    multi-partition fetch only when the wait expires (Tansu does) then add up to 1.5 s
-    per hop; measured here: ~0.5-1.2 s per hop at 1500 ms, ~15 ms at 100 ms."""
-    from faust.transport.drivers import aiokafka as driver
-
-    original = driver.AIOKafkaConsumerThread._create_worker_consumer
-    if getattr(original, "_refundguard_wait", None) == max_wait_ms:
-        return
-
-    def create(self: Any, transport: Any) -> Any:
-        consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = max_wait_ms
-        return consumer
-
-    create._refundguard_wait = max_wait_ms  # type: ignore[attr-defined]
-    create.__wrapped__ = getattr(original, "__wrapped__", original)  # type: ignore[attr-defined]
-    driver.AIOKafkaConsumerThread._create_worker_consumer = create
-
-
-def _fetched_highwaters(max_wait_ms: int) -> None:
-    """Table recovery reads a changelog up to its end offset, which Faust takes from
-    ListOffsets. Tansu 0.6's memory storage answers that with the newest *batch's* base
-    offset + 1 (offsets 0..11 written as one batch are listed as ending at 1, not 12), so
-    recovery stopped short and a restart with a RocksDB offset past that end failed with
-    ConsistencyError. A fetch response carries the true high watermark: read one record
-    just before the reported end and take the larger value. On a correct broker this is
-    one extra fetch per recovery and changes nothing."""
-    from faust.transport.drivers import aiokafka as driver
-
-    original = driver.AIOKafkaConsumerThread._highwaters
-    if getattr(original, "_refundguard_fetched", False):
-        return
-
-    async def highwaters(self: Any, partitions: list[Any]) -> Any:
-        ends = dict(await original(self, partitions))
-        probed = [tp for tp, end in ends.items() if end]
-        if not probed or self.consumer.in_transaction:
-            return ends
-        probe = self._create_client_consumer(self.transport)
-        probe._fetch_max_wait_ms = max_wait_ms
-        await probe.start()
-        try:
-            probe.assign(probed)
-            for tp in probed:
-                probe.seek(tp, ends[tp] - 1)
-            pending = set(probed)
-            deadline = time.monotonic() + self.app.conf.broker_request_timeout
-            while pending and time.monotonic() < deadline:
-                await probe.getmany(*pending, timeout_ms=200)
-                for tp in list(pending):
-                    high = probe.highwater(tp)
-                    if high is not None:
-                        ends[tp] = max(ends[tp], high)
-                        pending.discard(tp)
-            if pending:
-                log.warning("no high watermark fetched for %s; using the listed end offsets", sorted(pending))
-        finally:
-            await probe.stop()
-        return ends
-
-    highwaters._refundguard_fetched = True  # type: ignore[attr-defined]
-    driver.AIOKafkaConsumerThread._highwaters = highwaters
-
-
 def build(settings: Settings, *, start_pool: bool = True) -> RefundGuard:
-    _short_fetch_wait(settings.consumer_fetch_max_wait_ms)
-    _fetched_highwaters(settings.consumer_fetch_max_wait_ms)
-    # A broker that comes back empty: see the module.
-    kafka_compat.install(settings.app_id, settings.bootstrap, lambda: topic_names(settings), settings.topics.partitions)
+    # Faust/aiokafka workarounds for Tansu and for a broker that comes back empty: see the module.
+    kafka_compat.install(settings.app_id, settings.bootstrap, lambda: topic_names(settings), settings.topics.partitions,
+                         fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms)
     policy = load_policy(settings.policy_file)
     shadow_policy = load_policy(settings.shadow_policy_file) if settings.shadow_policy_file else None
     metrics = Metrics()

@@ -553,11 +553,12 @@ def build_passthrough() -> Any:
     import faust
     from aiohttp import web
 
-    from streams.app import _is_ready, _short_fetch_wait
+    from streams.app import _is_ready
+    from streams.kafka_compat import short_fetch_wait
     from streams.settings import Settings
 
     settings = Settings()
-    _short_fetch_wait(settings.consumer_fetch_max_wait_ms)
+    short_fetch_wait(settings.consumer_fetch_max_wait_ms)
     t = settings.topics
     app = faust.App(
         settings.app_id, broker=settings.broker_url, store="memory://", datadir=str(settings.data_dir),

@@ -102,7 +102,7 @@ def test_state_survives_kill(
                           [{"image_id": "EV-P1", "url": f"{base}/images/first.jpg"}]),
     }
     # One burst: decided as one batch, so the changelog gets multi-record producer batches,
-    # whose end offset Tansu misreports (see streams/app.py, _fetched_highwaters).
+    # whose end offset Tansu misreports (see streams/kafka_compat.py, _fetched_highwaters).
     for rid, value in before.items():
         kafka.producer.send("refund.requests", key=rid.encode(), value=json.dumps(value).encode())
     kafka.producer.flush()
